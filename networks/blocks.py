@@ -1,0 +1,139 @@
+"""Small building blocks shared by the ctdistill networks (2D and 3D, MONAI layer factories)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.utils import get_norm_layer
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = [
+    "check_spatial_dims",
+    "check_positive_ints",
+    "conv",
+    "norm",
+    "ConvNormAct",
+    "ScaleUp",
+    "interp_mode",
+    "max_pool",
+]
+
+NormType = str | tuple
+
+
+def check_spatial_dims(spatial_dims: int, valid: Sequence[int] = (2, 3), name: str = "network") -> int:
+    """Return ``spatial_dims`` as int or raise ValueError naming the valid values."""
+    if int(spatial_dims) not in tuple(valid):
+        raise ValueError(f"{name}: spatial_dims must be one of {tuple(valid)}, got {spatial_dims!r}.")
+    return int(spatial_dims)
+
+
+def check_positive_ints(values: Sequence[int], name: str, length: int | None = None) -> tuple[int, ...]:
+    """Validate a sequence of positive integers (optionally of a given length) and return it as a tuple.
+
+    Raises:
+        TypeError: if ``values`` is not a sequence of integers.
+        ValueError: if the length is wrong or a value is < 1.
+    """
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive integers, got {values!r}.")
+    out = tuple(int(v) for v in values)
+    if length is not None and len(out) != length:
+        raise ValueError(f"{name} needs {length} values, got {len(out)}: {out}.")
+    if any(v < 1 for v in out):
+        raise ValueError(f"{name} must be positive integers, got {out}.")
+    return out
+
+
+def interp_mode(spatial_dims: int) -> str:
+    """``bilinear`` in 2D, ``trilinear`` in 3D."""
+    return "bilinear" if spatial_dims == 2 else "trilinear"
+
+
+def conv(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    stride: int = 1,
+    bias: bool = False,
+) -> nn.Module:
+    """A plain ``ConvNd`` with "same" padding for odd kernels."""
+    return Conv[Conv.CONV, spatial_dims](
+        in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2, bias=bias
+    )
+
+
+def norm(name: NormType, spatial_dims: int, channels: int) -> nn.Module:
+    """A MONAI normalisation layer (``"batch"``, ``"instance"``, ``("group", {"num_groups": 8})``, ...)."""
+    return get_norm_layer(name, spatial_dims=spatial_dims, channels=channels)
+
+
+def max_pool(spatial_dims: int, kernel_size: int, stride: int, padding: int = 0) -> nn.Module:
+    """``MaxPoolNd``."""
+    return Pool[Pool.MAX, spatial_dims](kernel_size=kernel_size, stride=stride, padding=padding)
+
+
+class ConvNormAct(nn.Sequential):
+    """Convolution -> normalisation -> ReLU (the norm and activation are optional).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: odd kernel size ("same" padding).
+        stride: convolution stride.
+        norm_name: MONAI norm name, or None for no normalisation (the convolution then has a bias).
+        act: apply ReLU.
+
+    Shapes: ``(B, in_channels, *S)`` -> ``(B, out_channels, *S / stride)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        norm_name: NormType | None = "batch",
+        act: bool = True,
+    ) -> None:
+        layers: list[nn.Module] = [
+            conv(spatial_dims, in_channels, out_channels, kernel_size, stride, bias=norm_name is None)
+        ]
+        if norm_name is not None:
+            layers.append(norm(norm_name, spatial_dims, out_channels))
+        if act:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class ScaleUp(nn.Module):
+    """Parameter-free (bi/tri)linear upsampling by an integer factor, as a module so it can be hooked.
+
+    Args:
+        spatial_dims: 2 or 3.
+        scale: integer upsampling factor (1 is the identity).
+        align_corners: passed to ``F.interpolate``.
+    """
+
+    def __init__(self, spatial_dims: int, scale: int, align_corners: bool = False) -> None:
+        super().__init__()
+        if int(scale) < 1:
+            raise ValueError(f"ScaleUp: scale must be >= 1, got {scale}.")
+        self.mode = interp_mode(spatial_dims)
+        self.scale = int(scale)
+        self.align_corners = align_corners
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *S)`` -> ``(B, C, *S * scale)``."""
+        if self.scale == 1:
+            return x
+        return F.interpolate(x, scale_factor=self.scale, mode=self.mode, align_corners=self.align_corners)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, mode={self.mode}"
