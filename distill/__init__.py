@@ -1,1 +1,52 @@
-"""distill."""
+"""distill: knowledge distillation for ctdistill (HLFD, Gorade et al., ISBI 2024, and baselines).
+
+Public API:
+
+- ``create_distiller(method, student, teacher, *, student_taps=None, teacher_taps=None, **weights) -> Distiller``
+- ``METHODS`` = ``("hlfd", "hinton", "skd", "imf", "emkd", "hifd", "none")``; ``default_weights(method)``
+- ``DistillationHandler(distiller, teacher=None, allow_untrained_teacher=False, ...)`` for a MONAI SupervisedTrainer
+- ``trainable_parameters(student, distiller)``: student + connector parameters for the optimiser
+- ``load_teacher(checkpoint_path, network_name=None, **network_kwargs)``; ``mark_trained``; ``trained_source``
+- ``FeatureCapture`` (hooks by module path); ``attention_map``/``attention_distance``; ``seg_losses.SegLoss``/``StructureLoss``
+"""
+
+from __future__ import annotations
+
+from distill.attention import attention_distance, attention_map
+from distill.capture import OUTPUT_PATH, FeatureCapture, resolve_module, unwrap
+from distill.distiller import Distiller, freeze, trainable_parameters
+from distill.handler import DistillationHandler
+from distill.hlfd import HLFD, IFDLoss, IPDLoss, UFDLoss, UPDLoss
+from distill.method import KDMethod
+from distill.registry import METHODS, create_distiller, default_weights, method_class
+from distill.seg_losses import SegLoss, StructureLoss
+from distill.teacher import load_teacher, mark_trained, read_checkpoint, trained_source
+
+__all__ = [
+    "METHODS",
+    "create_distiller",
+    "default_weights",
+    "method_class",
+    "Distiller",
+    "DistillationHandler",
+    "KDMethod",
+    "HLFD",
+    "UFDLoss",
+    "IFDLoss",
+    "UPDLoss",
+    "IPDLoss",
+    "FeatureCapture",
+    "OUTPUT_PATH",
+    "resolve_module",
+    "unwrap",
+    "attention_map",
+    "attention_distance",
+    "SegLoss",
+    "StructureLoss",
+    "freeze",
+    "trainable_parameters",
+    "load_teacher",
+    "mark_trained",
+    "read_checkpoint",
+    "trained_source",
+]

@@ -1,0 +1,91 @@
+"""Attention maps of feature tensors (Zagoruyko & Komodakis, ICLR 2017), as HLFD (Gorade et al., ISBI 2024, Eq. 1-2) uses them.
+
+``A(z)`` is the mean over channels of ``|z|^p``, flattened over the spatial axes and L2-normalised. The student map is
+resized (bilinear in 2D, trilinear in 3D) to the teacher map's spatial size before it is normalised; the distance is
+the squared L2 norm of the difference, summed over positions and averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["resize_to", "spatial_attention", "attention_map", "attention_distance"]
+
+_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
+
+
+def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize a channel-first map to a spatial size with (bi/tri)linear interpolation (``align_corners=False``).
+
+    Args:
+        x: ``(B, C, *spatial)`` with 1 to 3 spatial axes.
+        size: target spatial size (as many axes as ``x`` has).
+
+    Returns:
+        ``(B, C, *size)``; ``x`` itself when it already has that size.
+
+    Raises:
+        ValueError: when ``x`` has not 1-3 spatial axes or ``size`` has a different number of axes.
+    """
+    if x.ndim not in _MODES:
+        raise ValueError(f"resize_to expects (B, C, *spatial) with 1-3 spatial axes, got shape {tuple(x.shape)}.")
+    size = tuple(int(s) for s in size)
+    if len(size) != x.ndim - 2:
+        raise ValueError(f"Target size {size} has {len(size)} axes; the map {tuple(x.shape)} has {x.ndim - 2}.")
+    if tuple(x.shape[2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode=_MODES[x.ndim], align_corners=False)
+
+
+def spatial_attention(z: torch.Tensor, p: float = 4.0) -> torch.Tensor:
+    """Un-normalised attention ``mean_c |z_c|^p``.
+
+    Args:
+        z: features ``(B, C, *spatial)``.
+        p: exponent (default 4, as EMKD and the HLFD authors' code use).
+
+    Returns:
+        ``(B, 1, *spatial)``.
+    """
+    return z.abs().pow(p).mean(dim=1, keepdim=True)
+
+
+def attention_map(z: torch.Tensor, p: float = 4.0, size: Sequence[int] | None = None) -> torch.Tensor:
+    """``A(z)``: channel-mean of ``|z|^p``, optionally resized to ``size``, flattened and L2-normalised.
+
+    Args:
+        z: features ``(B, C, *spatial)`` (2D or 3D).
+        p: exponent.
+        size: spatial size to resize the map to (the teacher's size for a student map), or None.
+
+    Returns:
+        ``(B, N)`` with unit L2 norm per sample, ``N`` the number of positions.
+    """
+    a = spatial_attention(z, p)
+    if size is not None:
+        a = resize_to(a, size)
+    return F.normalize(a.flatten(1), p=2, dim=1)
+
+
+def attention_distance(student: torch.Tensor, teacher: torch.Tensor, p: float = 4.0) -> torch.Tensor:
+    """``mean_b sum_n (A(s)_bn - A(t)_bn)^2`` with the student map resized to the teacher's spatial size.
+
+    Args:
+        student: ``(B, Cs, *spatial_s)``.
+        teacher: ``(B, Ct, *spatial_t)``; channels may differ from the student's.
+        p: exponent of ``A``.
+
+    Returns:
+        scalar tensor (0 when both maps agree after resizing; at most 4, since both maps are unit vectors).
+
+    Raises:
+        ValueError: when batch sizes or numbers of spatial axes differ.
+    """
+    if student.shape[0] != teacher.shape[0] or student.ndim != teacher.ndim:
+        raise ValueError(f"Cannot compare student {tuple(student.shape)} with teacher {tuple(teacher.shape)}.")
+    a_t = attention_map(teacher, p)
+    a_s = attention_map(student, p, size=teacher.shape[2:])
+    return (a_s - a_t).pow(2).sum(dim=1).mean()

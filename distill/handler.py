@@ -1,0 +1,119 @@
+"""``DistillationHandler``: adds a distillation loss to a MONAI ``SupervisedTrainer``'s loss.
+
+Event timeline of ``SupervisedTrainer._iteration`` (monai 1.6) and what the handler does:
+
+- ``ITERATION_STARTED``: open the student capture (hooks on the student's tapped modules; outputs cleared).
+- forward (inside ``torch.autocast`` when ``amp=True``): the trainer's own student forward fills the capture.
+- ``FORWARD_COMPLETED``, then the trainer sets ``output["loss"] = loss_function(pred, label).mean()``.
+- ``LOSS_COMPLETED`` (still inside autocast, before backward): run the frozen teacher on ``output["image"]`` under
+  ``no_grad``, compute the method's terms in float32 and set ``output["loss"] = L_seg + kd_total``; the trainer then
+  back-propagates that loss, so gradients reach the student and the connectors (never the teacher).
+- ``ITERATION_COMPLETED``: close the capture and drop the recorded tensors.
+
+Values written into ``engine.state.output`` (floats, for ``StatsHandler``/MLflow): ``loss_seg`` (the segmentation loss),
+every term of the method (``kd_ufd``, ``kd_ifd``, ``kd_upd``, ``kd_ipd``, ``kd_feature``, ``kd_pixel`` for HLFD; see each
+method) and ``kd_total``; ``loss`` stays a tensor (the combined loss).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys
+from torch import nn
+
+from distill.capture import unwrap
+from distill.distiller import Distiller
+from distill.teacher import trained_source
+
+__all__ = ["DistillationHandler"]
+
+logger = logging.getLogger(__name__)
+
+
+class DistillationHandler:
+    """Adds ``kd_total`` of a ``Distiller`` to a ``SupervisedTrainer``'s loss every iteration.
+
+    Args:
+        distiller: from ``distill.create_distiller``; its student must be the trainer's network.
+        teacher: optional, must be the distiller's teacher when given (a consistency check).
+        allow_untrained_teacher: accept a teacher without loaded weights (tests only). Otherwise the teacher must come
+            from ``distill.load_teacher`` or be marked by ``distill.mark_trained``.
+        image_key: key of the input batch in ``engine.state.output``.
+        label_key: key of the labels (passed to methods that use them).
+        loss_key: key of the loss.
+
+    Raises:
+        TypeError: distiller is not a ``Distiller``.
+        ValueError: a teacher different from the distiller's, or an untrained teacher.
+    """
+
+    def __init__(
+        self,
+        distiller: Distiller,
+        teacher: nn.Module | None = None,
+        allow_untrained_teacher: bool = False,
+        image_key: str = CommonKeys.IMAGE,
+        label_key: str = CommonKeys.LABEL,
+        loss_key: str = CommonKeys.LOSS,
+    ) -> None:
+        if not isinstance(distiller, Distiller):
+            raise TypeError(f"distiller must be a distill.Distiller, got {type(distiller).__name__}.")
+        own = distiller.teacher
+        if teacher is not None and (own is None or unwrap(teacher) is not unwrap(own)):
+            raise ValueError("The teacher given to DistillationHandler is not the distiller's teacher.")
+        if distiller.needs_teacher and not allow_untrained_teacher and trained_source(own) is None:
+            raise ValueError(
+                f"The teacher ({type(unwrap(own)).__name__}) has no loaded weights: load it with "
+                "distill.load_teacher(checkpoint, network_name) (or mark it with distill.mark_trained). A freshly built "
+                "teacher may even equal the student. allow_untrained_teacher=True is for tests only."
+            )
+        self.distiller = distiller
+        self.image_key, self.label_key, self.loss_key = image_key, label_key, loss_key
+
+    def attach(self, engine: Engine) -> None:
+        """Register on the trainer's events; move the distiller and teacher to the trainer's device.
+
+        Raises:
+            ValueError: the engine's network is not the distiller's student.
+        """
+        network = getattr(engine, "network", None)
+        if network is None or unwrap(network) is not unwrap(self.distiller.student):
+            raise ValueError("DistillationHandler: the trainer's network is not the distiller's student.")
+        device = getattr(engine.state, "device", None)
+        if device is not None:
+            self.distiller.to(device)
+            if self.distiller.teacher is not None:
+                self.distiller.teacher.to(device)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._open)
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._close)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+
+    def _open(self, engine: Engine) -> None:
+        if self.distiller.student_capture is not None:
+            self.distiller.student_capture.open()
+
+    def _close(self, engine: Engine) -> None:
+        if self.distiller.student_capture is not None:
+            self.distiller.student_capture.close()
+            self.distiller.student_capture.clear()
+
+    def __call__(self, engine: Engine) -> None:
+        """Replace ``output[loss_key]`` with ``L_seg + kd_total`` and store the components as floats."""
+        output = engine.state.output
+        seg = output[self.loss_key]
+        if self.distiller.needs_teacher:
+            images = output[self.image_key]
+            s_feats = self.distiller.student_capture.outputs if self.distiller.student_capture is not None else {}
+            t_feats = self.distiller.teacher_features(images)
+            terms = self.distiller(s_feats, t_feats, output.get(self.label_key))
+        else:
+            terms = {"kd_total": torch.zeros((), device=seg.device)}
+        output[self.loss_key] = seg + terms["kd_total"]
+        output["loss_seg"] = float(seg.detach())
+        for k, v in terms.items():
+            output[k] = float(v.detach())

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distill.attention import attention_distance, attention_map, resize_to
+from tests.distill.tiny_nets import np_at_dist, np_attention, np_resize
+
+
+def test_attention_map_by_hand():
+    # 2 channels, 2x2: |z|^2 mean over channels = [[1, 0], [0, 1]] -> normalised [1/sqrt2, 0, 0, 1/sqrt2]
+    z = torch.tensor([[[[1.0, 0.0], [0.0, -1.0]], [[1.0, 0.0], [0.0, 1.0]]]])
+    a = attention_map(z, p=2)
+    np.testing.assert_allclose(a.numpy(), [[2**-0.5, 0, 0, 2**-0.5]], atol=1e-7)
+
+
+def test_distance_of_disjoint_maps_is_two():
+    s = torch.zeros(1, 2, 4, 4)
+    t = torch.zeros(1, 2, 4, 4)
+    s[0, :, 0, 0] = 3.0
+    t[0, 1, 3, 3] = 0.5
+    assert attention_distance(s, t).item() == pytest.approx(2.0)  # orthogonal unit vectors
+    assert attention_distance(s, 7 * s).item() == pytest.approx(0.0, abs=1e-7)  # scale-invariant
+
+
+@pytest.mark.parametrize("p", [2.0, 4.0])
+def test_distance_matches_numpy_2x4x4(p):
+    g = np.random.default_rng(0)
+    s, t = g.normal(size=(3, 2, 4, 4)), g.normal(size=(3, 5, 4, 4))
+    got = attention_distance(torch.tensor(s), torch.tensor(t), p=p).item()
+    assert got == pytest.approx(np_at_dist(s, t, p), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape_s,shape_t", [((2, 2, 2, 2), (2, 3, 4, 4)), ((2, 2, 8, 8), (2, 3, 4, 4)),
+                                             ((1, 2, 2, 2, 2), (1, 3, 4, 4, 4))])
+def test_student_map_resized_to_teacher_2d_3d(shape_s, shape_t):
+    g = np.random.default_rng(1)
+    s, t = g.normal(size=shape_s), g.normal(size=shape_t)
+    got = attention_distance(torch.tensor(s), torch.tensor(t)).item()
+    assert got == pytest.approx(np_at_dist(s, t), rel=1e-9)
+    assert attention_map(torch.tensor(s), size=shape_t[2:]).shape == (shape_s[0], int(np.prod(shape_t[2:])))
+
+
+def test_resize_matches_numpy_and_rejects_bad_sizes():
+    x = np.arange(2 * 3 * 3, dtype=float).reshape(1, 2, 3, 3)
+    np.testing.assert_allclose(resize_to(torch.tensor(x), (5, 4)).numpy(), np_resize(x, (5, 4)), rtol=1e-12)
+    a = np_attention(x, 4, size=(6, 6))
+    np.testing.assert_allclose(attention_map(torch.tensor(x), size=(6, 6)).numpy(), a, rtol=1e-9)
+    with pytest.raises(ValueError, match="axes"):
+        resize_to(torch.zeros(1, 1, 4, 4), (4, 4, 4))
+    with pytest.raises(ValueError, match="Cannot compare"):
+        attention_distance(torch.zeros(2, 1, 4, 4), torch.zeros(3, 1, 4, 4))
