@@ -54,8 +54,9 @@ class Distiller(nn.Module):
         plan = method.plan
         if plan.teacher and teacher is None:
             raise ValueError(f"Method {method.name!r} needs a teacher network.")
-        self._student = student
-        self._teacher = teacher
+        # referenced, not registered: the distiller's parameters and state_dict are the connectors only
+        self.__dict__["_student"] = student
+        self.__dict__["_teacher"] = teacher
         self.student_capture = FeatureCapture(student, plan.paths("student")) if plan.student else None
         self.teacher_capture = FeatureCapture(teacher, plan.paths("teacher")) if plan.teacher else None
         if teacher is not None:
