@@ -1,0 +1,159 @@
+"""MLflow helpers for the bundles: store location, unique run names, run parameters, executed config.
+
+MLflow 3 refuses a plain folder as tracking URI, so the default store is a SQLite database in the bundle's
+output folder (``sqlite:///<output_dir>/mlruns.db``, artifacts in ``<output_dir>/mlruns``); ``--tracking_uri``
+points at a team server instead. MONAI's ``MLFlowHandler`` attaches to the latest *unfinished* run of the same
+name, so every bundle run gets a unique name (:func:`unique_run_name`), shared by the trainer's and the
+evaluator's handlers. Browse with ``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlruns.db``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "default_tracking_uri",
+    "unique_run_name",
+    "file_sha256",
+    "run_params",
+    "save_executed_config",
+    "find_runs",
+    "kd_params",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def default_tracking_uri(output_dir: str | os.PathLike, tracking_uri: str | None = None) -> str:
+    """The tracking URI to use: ``tracking_uri`` when given, else SQLite in ``output_dir``.
+
+    Args:
+        output_dir: the bundle's output folder (created if missing).
+        tracking_uri: an explicit URI (``http(s)://``, ``sqlite:///``, ``postgresql://`` ...); ``None`` or ``""``
+            selects the default.
+
+    Returns:
+        the URI.
+
+    Raises:
+        ValueError: a plain folder or ``file://`` URI (MLflow 3 refuses the file store).
+    """
+    if tracking_uri:
+        if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+            raise ValueError(
+                f"tracking_uri {tracking_uri!r} is a folder; MLflow 3 refuses the file store. Use "
+                "sqlite:///<path>/mlruns.db or a server URI such as http://mlflow.example:5000."
+            )
+        return tracking_uri
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'mlruns.db'}"
+
+
+def unique_run_name(role: str) -> str:
+    """``<role>_<UTC yyyymmdd-HHMMSS>_<6 hex>``: unique, so MONAI never attaches to an older unfinished run."""
+    return f"{role}_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}_{uuid.uuid4().hex[:6]}"
+
+
+def file_sha256(path: str | os.PathLike | None) -> str:
+    """SHA-256 hex digest of a file (the split file is logged by hash, never by content); ``""`` for None."""
+    if not path:
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_params(params: Mapping[str, Any], splits_file: str | os.PathLike | None = None) -> dict[str, str]:
+    """MLflow parameters of a run: the given values as strings plus ``splits_sha256``.
+
+    Patient identifiers never go here: the split file is represented by its hash only.
+
+    Args:
+        params: e.g. role, method, beta, lambda, T, p, network, window, num_slices, epochs, lr, seed.
+        splits_file: the split JSON whose SHA-256 is logged.
+
+    Returns:
+        ``{name: str(value)}``; sequences and dicts are JSON-encoded.
+    """
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        out[str(k)] = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+    if splits_file is not None:
+        out["splits_sha256"] = file_sha256(splits_file)
+    return out
+
+
+def _find_parser() -> Any:
+    """The ``ConfigParser`` of the running MONAI bundle workflow, found on the call stack (None outside one)."""
+    from monai.bundle import ConfigParser
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        for name in ("self", "parser"):
+            obj = frame.f_locals.get(name)
+            parser = getattr(obj, "parser", None) if obj is not None and not isinstance(obj, ConfigParser) else obj
+            if isinstance(parser, ConfigParser):
+                return parser
+        frame = frame.f_back
+    return None
+
+
+def save_executed_config(path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> str:
+    """Write the executed bundle config (macros resolved, CLI overrides applied) as JSON, atomically.
+
+    Called from a bundle's ``training``/``evaluating`` list: the running workflow's ``ConfigParser`` is found on
+    the call stack and its raw content (what MONAI's own ``--tracking`` option exports) is written. Outside a
+    bundle only ``extra`` is written.
+
+    Args:
+        path: destination ``.json`` file.
+        extra: additional entries (e.g. the resolved user knobs) stored under ``"resolved"``.
+
+    Returns:
+        the destination path as a string.
+    """
+    parser = _find_parser()
+    content: dict[str, Any] = {}
+    if parser is not None:
+        content = {k: v for k, v in parser.get().items() if k != "_meta_"}
+        content["_meta_"] = parser.get("_meta_", {})
+    if extra:
+        content["resolved"] = dict(extra)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(content, indent=1, default=str))
+    os.replace(tmp, p)
+    return str(p)
+
+
+def find_runs(tracking_uri: str, experiment_name: str) -> list[Any]:
+    """All runs of an experiment (newest first), or ``[]`` when the experiment does not exist."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return []
+    return list(client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]))
+
+
+#: MLflow names of the distillation weights (paper notation)
+_KD_NAMES = {"lam": "lambda", "temperature": "T"}
+
+
+def kd_params(weights: Mapping[str, Any]) -> dict[str, Any]:
+    """Distillation weights under their paper names (``lam`` -> ``lambda``, ``temperature`` -> ``T``)."""
+    return {_KD_NAMES.get(k, k): v for k, v in dict(weights).items()}

@@ -1,0 +1,633 @@
+"""Typed building blocks the bundle configs call: datasets and preflight checks, inferers, metric handlers,
+checkpoints with resume, per-epoch training averages.
+
+The bundles (``bundles/<role>/configs/*.yaml``) stay declarative; everything with logic lives here so it is
+tested and documented once. The names below are referenced from ``bundles/common/configs/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import IgniteMetricHandler, from_engine
+from monai.inferers import Inferer, SimpleInferer, SliceInferer, SlidingWindowInferer
+
+from pipelines.metrics import RegionMetric
+
+__all__ = [
+    "BundleInputError",
+    "as_bool",
+    "resolve_splits",
+    "load_split",
+    "preflight",
+    "check_teacher_checkpoint",
+    "kd_weights",
+    "make_inferer",
+    "ct_metric_handlers",
+    "trainable",
+    "unwrap",
+    "EpochAverager",
+    "TrainCheckpointer",
+    "load_checkpoint",
+    "network_from_checkpoint",
+    "checkpoint_settings",
+    "atomic_torch_save",
+    "loss_of",
+    "SaveOnIteration",
+    "sidecar",
+    "simple_inferer",
+]
+
+logger = logging.getLogger(__name__)
+
+#: metric handler name -> (RegionMetric kind, region); the first is the key metric (best checkpoint)
+CT_METRICS: dict[str, tuple[str, str]] = {
+    "dsc_tumor": ("dsc", "tumor"),
+    "rvd_tumor": ("rvd", "tumor"),
+    "abs_rvd_tumor": ("abs_rvd", "tumor"),
+    "dsc_organ": ("dsc", "organ"),
+    "rvd_organ": ("rvd", "organ"),
+    "abs_rvd_organ": ("abs_rvd", "organ"),
+    "tumor_ml_pred": ("ml_pred", "tumor"),
+    "tumor_ml_gt": ("ml_gt", "tumor"),
+}
+
+SPLIT_NAMES = ("training", "validation", "test")
+
+
+class BundleInputError(ValueError):
+    """Bad user input detected before any long work (raised by the preflight checks)."""
+
+
+def as_bool(value: Any) -> bool:
+    """A CLI flag as bool: ``fire`` passes ``--resume true`` as the string ``"true"``.
+
+    Raises:
+        ValueError: a string other than true/false/yes/no/1/0/on/off.
+    """
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("true", "yes", "1", "on"):
+            return True
+        if v in ("false", "no", "0", "off", "", "none", "null"):
+            return False
+        raise ValueError(f"expected a boolean (true/false), got {value!r}.")
+    return bool(value)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+#: task -> datalist preset holding out the paper's test share (KiTS19 168:42, LiTS 131:70)
+TASK_PRESETS = {"kits": "kits19", "lits": "lits"}
+
+
+def resolve_splits(
+    dataset_dir: str | os.PathLike | None,
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    splits_file: str | None = None,
+    task: str | None = "kits",
+) -> str:
+    """Return the split JSON to use, writing one into ``output_dir`` when the dataset has none.
+
+    Order: an explicit ``splits_file``; ``dataset_dir`` itself when it is a ``.json`` file;
+    ``<dataset_dir>/splits.json``; else ``pipelines.datalist`` detects the layout and writes
+    ``<output_dir>/splits.json`` (deterministic for a seed; the task's preset holds out the paper's test share,
+    so training, evaluation and the demo agree on the held-out volumes). Nothing is written into ``dataset_dir``.
+
+    Args:
+        dataset_dir: the user's data folder (KiTS19, LiTS, nnU-Net/MSD layouts, or a split JSON).
+        output_dir: the bundle's output folder.
+        seed: split seed.
+        splits_file: an explicit split JSON, or None/"".
+        task: ``kits`` or ``lits`` (selects the datalist preset), None for no test hold-out.
+
+    Returns:
+        the path of the split JSON.
+
+    Raises:
+        BundleInputError: no dataset_dir, a missing folder, or a folder without recognisable data.
+    """
+    if splits_file:
+        if not Path(splits_file).is_file():
+            raise BundleInputError(f"splits_file {splits_file} does not exist.")
+        return str(splits_file)
+    if not dataset_dir:
+        raise BundleInputError("no dataset given: pass --dataset_dir <folder with the CT volumes> (or --splits_file <json>).")
+    d = Path(dataset_dir)
+    if d.is_file() and d.suffix == ".json":
+        return str(d)
+    if not d.is_dir():
+        raise BundleInputError(f"dataset_dir {d} does not exist; pass the folder holding the CT volumes and labels.")
+    if (d / "splits.json").is_file():
+        return str(d / "splits.json")
+    from pipelines import datalist
+
+    out = Path(output_dir) / "splits.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        datalist.write_datalist(d, out, seed=int(seed), preset=TASK_PRESETS.get(task or ""))
+    except (ValueError, FileNotFoundError) as e:
+        raise BundleInputError(f"dataset_dir {d} holds no dataset this product reads: {e}") from e
+    return str(out)
+
+
+def load_split(splits_file: str | os.PathLike, section: str | Sequence[str]) -> list[dict]:
+    """Entries of one split section (the first non-empty of ``section`` when a list is given).
+
+    Raises:
+        BundleInputError: every listed section is missing or empty.
+    """
+    data = json.loads(Path(splits_file).read_text())
+    for s in [section] if isinstance(section, str) else list(section):
+        if data.get(s):
+            return [{k: v for k, v in e.items() if k in ("image", "label")} for e in data[s]]
+    raise BundleInputError(f"{splits_file} has no entries in {section!r}; sections present: {[k for k in data if k != 'meta']}.")
+
+
+def check_teacher_checkpoint(path: str | os.PathLike | None, role: str) -> bool:
+    """KD roles: stop unless ``path`` is an existing checkpoint holding trained weights.
+
+    Args:
+        path: the ``--teacher_ckpt`` value.
+        role: the bundle role (for the message).
+
+    Returns:
+        True.
+
+    Raises:
+        BundleInputError: no path, a missing file, a file without weights, or a checkpoint saved before any epoch.
+    """
+    if not path:
+        raise BundleInputError(
+            f"role {role} distils from a trained teacher: pass --teacher_ckpt <path>, e.g. the best.pt written by "
+            "bundles/unetpp_teacher (runs/unetpp_teacher/checkpoints/best.pt). A freshly built teacher is refused "
+            "(MONAI's DataLoader reseeds torch's RNG, so it could even equal the student)."
+        )
+    p = Path(path)
+    if not p.is_file():
+        raise BundleInputError(f"teacher checkpoint {p} does not exist; train bundles/unetpp_teacher first or fix --teacher_ckpt.")
+    from distill import read_checkpoint
+
+    try:
+        read_checkpoint(p)
+    except ValueError as e:
+        raise BundleInputError(str(e)) from e
+    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and int(ckpt.get("epoch", 1)) == 0:
+        raise BundleInputError(f"teacher checkpoint {p} was saved before any training epoch (untrained).")
+    return True
+
+
+def kd_weights(method: str, extra: Mapping[str, Any] | None = None, **knobs: Any) -> dict[str, Any]:
+    """The weights passed to ``distill.create_distiller``: the knobs the method accepts, None meaning its default.
+
+    Args:
+        method: a ``distill.METHODS`` name.
+        extra: method-specific weights (``--kd_weights "{'pair': 5.0}"``); names must be the method's.
+        knobs: the flat bundle knobs (``beta``, ``lam``, ``temperature``, ``p``); unknown to the method -> ignored.
+
+    Returns:
+        ``{name: value}`` with every weight the method takes (defaults filled in).
+
+    Raises:
+        ValueError: an ``extra`` weight the method does not take (listing the valid ones).
+    """
+    import distill
+
+    valid = distill.default_weights(method)
+    bad = sorted(set(extra or {}) - set(valid))
+    if bad:
+        raise ValueError(f"kd_weights {bad} are not weights of {method!r}; valid: {sorted(valid)}.")
+    out = dict(valid)
+    out.update({k: v for k, v in knobs.items() if k in valid and v is not None})
+    out.update(dict(extra or {}))
+    return out
+
+
+def preflight(
+    splits_file: str,
+    *,
+    role: str,
+    check_integrity: bool = True,
+    sections: Sequence[str] = ("training", "validation"),
+    cache_rate: float = 0.0,
+    in_plane_size: Sequence[int] | None = None,
+    pixdim: Sequence[float] | None = None,
+    teacher_check: Any = True,
+) -> bool:
+    """Every check that must pass before a bundle starts long work.
+
+    Args:
+        splits_file: split JSON (from :func:`resolve_splits`).
+        role: bundle role (for messages).
+        check_integrity: run ``pipelines.check_dataset`` on the listed sections' files first.
+        sections: split sections the run reads.
+        cache_rate: CacheDataset cache rate (memory check).
+        in_plane_size: in-plane size before the cache (memory estimate).
+        pixdim: resampling spacing before the cache (memory estimate).
+        teacher_check: the result of :func:`check_teacher_checkpoint` in KD roles (a config reference, so the
+            teacher is checked before anything else); ignored otherwise.
+
+    Returns:
+        True (so it can sit in a bundle's expression list).
+
+    Raises:
+        BundleInputError: with every integrity message, or the teacher / memory problem.
+    """
+    entries: list[dict] = []
+    data = json.loads(Path(splits_file).read_text())
+    for s in sections:
+        entries.extend(data.get(s) or [])
+    if not entries:
+        raise BundleInputError(f"{splits_file} lists no cases in {list(sections)}; check --dataset_dir.")
+    missing = [str(e[k]) for e in entries for k in ("image", "label") if k in e and not Path(e[k]).exists()]
+    if missing:
+        raise BundleInputError(f"{len(missing)} files listed in {splits_file} do not exist, e.g. {missing[:3]}.")
+    if as_bool(check_integrity):
+        from pipelines import check_dataset
+
+        problems = check_dataset.check_entries(entries)
+        errors = [p for p in problems if getattr(p, "severity", "error") == "error"]
+        for p in problems:
+            logger.warning("check_dataset: %s", p)
+        if errors:
+            msg = "\n  ".join(str(p) for p in errors)
+            raise BundleInputError(f"dataset integrity check failed ({len(errors)} problems); fix the data first:\n  {msg}")
+    if cache_rate > 0:
+        from pipelines.data import estimate_cache
+
+        est = estimate_cache(entries, cache_rate, pixdim=pixdim, in_plane_size=in_plane_size)
+        if not est.fits:
+            raise BundleInputError(f"the CacheDataset would not fit in memory: {est.message()} (--cache_rate).")
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def make_inferer(spatial_dims: int, roi_size: Sequence[int] | None = None, sw_batch_size: int = 8, overlap: float = 0.25) -> Inferer:
+    """Whole-volume inferer: 2.5D ``SliceInferer`` over the last (axial) axis, or 3D ``SlidingWindowInferer``.
+
+    Args:
+        spatial_dims: 2 (the network sees (k, H, W) slices; every slice of the volume is predicted) or 3.
+        roi_size: 3D window (h, w, d); ignored in 2.5D (whole slices).
+        sw_batch_size: slices / windows per forward.
+        overlap: 3D window overlap.
+
+    Returns:
+        the inferer; input (B, C, H, W, D) -> logits (B, classes, H, W, D).
+
+    Raises:
+        ValueError: spatial_dims not 2 or 3.
+    """
+    if spatial_dims == 2:
+        return SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=sw_batch_size, progress=False)
+    if spatial_dims == 3:
+        if roi_size is None or len(roi_size) != 3:
+            raise ValueError(f"3D inference needs roi_size (h, w, d), got {roi_size!r}.")
+        return SlidingWindowInferer(roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+    raise ValueError(f"spatial_dims must be 2 (2.5D) or 3, got {spatial_dims!r}.")
+
+
+def simple_inferer() -> Inferer:
+    """The training-time inferer (patches/slices go straight through the network)."""
+    return SimpleInferer()
+
+
+def ct_metric_handlers(key: bool, names: Sequence[str] | None = None) -> dict[str, IgniteMetricHandler]:
+    """IgniteMetricHandlers of the per-volume CT metrics (``save_details=True`` for the per-case CSV).
+
+    Args:
+        key: True -> only the key metric ``{"dsc_tumor": ...}``; False -> every other metric.
+        names: metric names to build (default all of ``CT_METRICS``).
+
+    Returns:
+        ``{name: handler}`` for ``SupervisedEvaluator(key_val_metric=..., additional_metrics=...)``.
+    """
+    names = list(names or CT_METRICS)
+    chosen = names[:1] if key else names[1:]
+    return {
+        n: IgniteMetricHandler(
+            metric_fn=RegionMetric(*CT_METRICS[n]), output_transform=from_engine(["pred", "label"]), save_details=True
+        )
+        for n in chosen
+    }
+
+
+def unwrap(module: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The module inside DDP / DataParallel wrappers."""
+    while module is not None and hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+        module = module.module
+    return module
+
+
+def trainable(network: torch.nn.Module, distiller: torch.nn.Module | None = None) -> list[torch.nn.Parameter]:
+    """Parameters for the optimizer: the student's plus the distiller's connectors (if any)."""
+    if distiller is None:
+        return [p for p in network.parameters() if p.requires_grad]
+    import distill
+
+    return list(distill.trainable_parameters(network, distiller))
+
+
+# ----------------------------------------------------------------------------------------------- handlers
+
+
+class EpochAverager:
+    """Average scalar entries of the trainer output over each epoch into ``engine.state.metrics``.
+
+    Collects ``loss`` (as ``train_loss``) and every ``kd_*`` entry the distillation handler stores in the engine
+    output, plus the learning rate, so StatsHandler and MLflow log them once per epoch.
+
+    Args:
+        prefix_keys: output keys (or prefixes ending with ``*``) to average.
+        optimizer: optimizer whose first group's lr is logged as ``lr``.
+    """
+
+    def __init__(self, prefix_keys: Sequence[str] = ("loss", "kd_*"), optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.keys = tuple(prefix_keys)
+        self.optimizer = optimizer
+        self._sum: dict[str, float] = {}
+        self._n: dict[str, int] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """Register on EPOCH_STARTED / ITERATION_COMPLETED / EPOCH_COMPLETED."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _want(self, k: str) -> bool:
+        return any(k == p or (p.endswith("*") and k.startswith(p[:-1])) for p in self.keys)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sum, self._n = {}, {}
+
+    def _collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        items = out[0] if isinstance(out, list) and out else out
+        if not isinstance(items, Mapping):
+            return
+        for k, v in items.items():
+            if not isinstance(k, str) or not self._want(k):
+                continue
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    continue
+                v = v.detach().item()
+            if isinstance(v, (int, float)):
+                self._sum[k] = self._sum.get(k, 0.0) + float(v)
+                self._n[k] = self._n.get(k, 0) + 1
+
+    def __call__(self, engine: Engine) -> None:
+        """Publish the epoch means (``loss`` -> ``train_loss``)."""
+        for k, s in self._sum.items():
+            engine.state.metrics["train_loss" if k == "loss" else k] = s / max(self._n[k], 1)
+        if self.optimizer is not None:
+            engine.state.metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class TrainCheckpointer:
+    """Best and last checkpoints, their sidecar files, and resume.
+
+    ``<ckpt_dir>/last.pt`` after every epoch and ``<ckpt_dir>/best.pt`` when the evaluator's key metric (mean
+    validation tumor DSC) improves; each holds ``model`` (weights, unwrapped from DDP), ``network`` (the
+    ``networks.create`` name and kwargs, the format ``distill.load_teacher`` reads), ``distiller`` (connectors),
+    ``optimizer``, ``lr_scheduler``, ``trainer`` (ignite state: epoch, iteration), ``epoch``, ``best_metric``,
+    ``best_epoch``, ``settings`` (network name/kwargs and preprocessing) and ``splits_sha256``. Next to them:
+    ``splits.json`` (copy of the split file) and ``settings.json``. Only rank 0 writes.
+
+    With ``resume=True``, ``last.pt`` is loaded when training starts (every rank) and training continues with
+    the next epoch, so a killed run loses at most the epoch in progress.
+
+    Args:
+        ckpt_dir: checkpoint folder.
+        network: the trained network (DDP-wrapped or not).
+        optimizer: its optimizer.
+        lr_scheduler: its scheduler (stepped per epoch).
+        distiller: the KD connectors module, or None.
+        evaluator: the validation engine whose ``key_metric`` selects ``best.pt``.
+        key_metric: metric name in ``evaluator.state.metrics``.
+        resume: load ``last.pt`` on start.
+        splits_file: split JSON copied next to the checkpoints.
+        settings: network and preprocessing settings stored in each checkpoint and in ``settings.json``.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_scheduler: Any = None,
+        distiller: torch.nn.Module | None = None,
+        evaluator: Engine | None = None,
+        key_metric: str = "dsc_tumor",
+        resume: bool = False,
+        splits_file: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.network, self.optimizer, self.lr_scheduler, self.distiller = network, optimizer, lr_scheduler, distiller
+        self.evaluator, self.key_metric = evaluator, key_metric
+        self.resume, self.splits_file = as_bool(resume), splits_file
+        self.settings = _plain(dict(settings or {}))
+        self.best_metric, self.best_epoch = -math.inf, 0
+        self._trainer: Engine | None = None
+
+    @property
+    def last_path(self) -> Path:
+        return self.ckpt_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.ckpt_dir / "best.pt"
+
+    def attach(self, engine: Engine) -> None:
+        """Attach to the trainer (and to the evaluator given at construction)."""
+        self._trainer = engine
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._validated)
+
+    @staticmethod
+    def _rank0() -> bool:
+        import ignite.distributed as idist
+
+        return idist.get_rank() == 0
+
+    def _state(self, engine: Engine) -> dict[str, Any]:
+        from pipelines.mlflow_tracking import file_sha256
+
+        return {
+            "model": unwrap(self.network).state_dict(),
+            "network": {"name": self.settings.get("network_name"), **dict(self.settings.get("network_kwargs") or {})},
+            "distiller": unwrap(self.distiller).state_dict() if self.distiller is not None else None,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "trainer": {"epoch": engine.state.epoch, "max_epochs": engine.state.max_epochs, "epoch_length": engine.state.epoch_length},
+            "epoch": engine.state.epoch,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "settings": self.settings,
+            "splits_sha256": file_sha256(self.splits_file) if self.splits_file else "",
+        }
+
+    def _started(self, engine: Engine) -> None:
+        if self.resume:
+            if not self.last_path.is_file():
+                raise BundleInputError(f"--resume true but {self.last_path} does not exist; start without --resume.")
+            ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False)
+            unwrap(self.network).load_state_dict(ckpt["model"])
+            if self.distiller is not None and ckpt.get("distiller") is not None:
+                unwrap(self.distiller).load_state_dict(ckpt["distiller"])
+            if self.optimizer is not None and ckpt.get("optimizer") is not None:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
+                self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            max_epochs = engine.state.max_epochs
+            engine.state.epoch = int(ckpt["epoch"])
+            engine.state.iteration = int(ckpt["epoch"]) * int(engine.state.epoch_length or 0)
+            engine.state.max_epochs = max_epochs
+            self.best_metric, self.best_epoch = float(ckpt.get("best_metric", -math.inf)), int(ckpt.get("best_epoch", 0))
+            logger.info("resumed from %s at epoch %d (best %s at epoch %d)", self.last_path, engine.state.epoch, self.best_metric, self.best_epoch)
+            if engine.state.epoch >= max_epochs:
+                logger.warning("checkpoint epoch %d >= epochs %d: nothing left to train", engine.state.epoch, max_epochs)
+        if self._rank0():
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if self.splits_file and Path(self.splits_file).resolve() != (self.ckpt_dir / "splits.json").resolve():
+                tmp = self.ckpt_dir / f".splits.json.tmp{os.getpid()}"
+                shutil.copyfile(self.splits_file, tmp)
+                os.replace(tmp, self.ckpt_dir / "splits.json")
+            tmp = self.ckpt_dir / f".settings.json.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(self.settings, indent=1))
+            os.replace(tmp, self.ckpt_dir / "settings.json")
+
+    def _validated(self, evaluator: Engine) -> None:
+        value = evaluator.state.metrics.get(self.key_metric)
+        if value is None or self._trainer is None:
+            return
+        value = float(value)
+        if not math.isnan(value) and value > self.best_metric:
+            self.best_metric, self.best_epoch = value, self._trainer.state.epoch
+            if self._rank0():
+                atomic_torch_save(self._state(self._trainer), self.best_path)
+                logger.info("new best %s %.4f at epoch %d -> %s", self.key_metric, value, self.best_epoch, self.best_path)
+
+    def __call__(self, engine: Engine) -> None:
+        """Save ``last.pt`` (and ``best.pt`` when there is no evaluator yet), rank 0 only."""
+        if not self._rank0():
+            return
+        if self.evaluator is None or not self.best_path.exists():
+            # no validation ran (or no defined metric yet): keep a best.pt so evaluation/inference can run
+            atomic_torch_save(self._state(engine), self.best_path)
+        atomic_torch_save(self._state(engine), self.last_path)
+
+
+def _plain(x: Any) -> Any:
+    """Config values (MONAI proxies, tuples, tensors) -> JSON-able plain Python."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    raw = getattr(x, "_raw", None)
+    if raw is not None:
+        return _plain(raw)
+    return str(x)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a bundle checkpoint on CPU.
+
+    Raises:
+        BundleInputError: a missing file or one without ``network`` weights.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise BundleInputError(f"checkpoint {p} does not exist; train the role first or pass --checkpoint <path>.")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise BundleInputError(f"{p} is not a ctdistill bundle checkpoint (no 'model' weights).")
+    return ckpt
+
+
+def checkpoint_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``settings`` saved in a checkpoint (network name/kwargs, preprocessing)."""
+    return dict(load_checkpoint(path).get("settings") or {})
+
+
+def network_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the network a checkpoint was trained with (``networks.create``) and load its weights; eval mode."""
+    import networks
+
+    ckpt = load_checkpoint(path)
+    s = ckpt.get("settings") or {}
+    if "network_name" not in s:
+        raise BundleInputError(f"{path} lacks the network settings; it was not written by a ctdistill bundle.")
+    net = networks.create(s["network_name"], **dict(s.get("network_kwargs") or {}))
+    net.load_state_dict(ckpt["model"])
+    return net.to(device).eval()
+
+
+def loss_of(output: Any) -> float:
+    """The scalar loss from a trainer's ``engine.state.output`` (dict, or decollated list of dicts)."""
+    item = output[0] if isinstance(output, list) and output else output
+    loss = item["loss"] if isinstance(item, Mapping) else item
+    return float(loss.detach().item()) if isinstance(loss, torch.Tensor) else float(loss)
+
+
+class SaveOnIteration:
+    """Apply extra transforms (e.g. ``Invertd`` + a writer) to a copy of each output item after every iteration.
+
+    Keeps the metrics in the network's grid while the saved label maps go back to each input's geometry.
+
+    Args:
+        transforms: callables applied in order to a shallow copy of each decollated output dict.
+        enabled: False turns the handler into a no-op (``--save_predictions false``).
+    """
+
+    def __init__(self, transforms: Sequence[Any], enabled: bool = True) -> None:
+        self.transforms = list(transforms)
+        self.enabled = as_bool(enabled)
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ITERATION_COMPLETED."""
+        if self.enabled:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        """Run the transforms on every item of ``engine.state.output``."""
+        out = engine.state.output
+        for item in out if isinstance(out, list) else [out]:
+            d = dict(item)
+            for t in self.transforms:
+                d = t(d)
+
+
+def sidecar(checkpoint: str | os.PathLike, name: str) -> str:
+    """Path of a file saved next to a checkpoint (``splits.json``, ``settings.json``)."""
+    return str(Path(checkpoint).parent / name)
