@@ -2,8 +2,8 @@
 
 A method declares roles, e.g. HLFD's student ``early`` and ``mid`` and teacher ``mid``, ``late``, ``pred_mid`` and
 ``pred_final``; by default each role takes the taps of the same-named group of the network's feature contract
-(``networks.contract``). Configuration may override any role with tap names (``"mid.1"``), ``"output"`` (the network's
-forward output) or explicit ``Tap`` objects (any module path), e.g.
+(``networks.contract``). Configuration may override any role with tap names (``"mid.1"``), the module path of a declared tap,
+``"output"`` (the network's forward output) or explicit ``Tap`` objects (any module path), e.g.
 ``student_taps={"mid": ["mid.1", "mid.2"]}``. The plan checks that names exist, single-tap roles get one tap,
 prediction roles have as many channels as classes, and paired roles have equal lengths.
 """
@@ -99,12 +99,13 @@ class TapPlan:
 
 def _resolve(side: str, role: str, value: TapOverride, taps: Mapping[str, Tap]) -> tuple[Tap, ...]:
     items = [value] if isinstance(value, (str, Tap)) else list(value)
+    by_path = {t.path: t for t in taps.values()}
     out: list[Tap] = []
     for item in items:
         if isinstance(item, Tap):
             out.append(item)
-        elif isinstance(item, str) and item in taps:
-            out.append(taps[item])
+        elif isinstance(item, str) and (item in taps or item in by_path):
+            out.append(taps[item] if item in taps else by_path[item])
         else:
             raise ValueError(
                 f"Unknown {side} tap {item!r} for role {role!r}; valid tap names: {', '.join(taps)} (or a networks.Tap)."

@@ -1,7 +1,8 @@
 """Segmentation losses: focal + Dice (HLFD's ``L_seg``) and TransFuse's structure loss, both with deep supervision.
 
 - ``SegLoss``: MONAI ``DiceFocalLoss`` with softmax over the class logits and one-hot labels (Gorade et al., ISBI 2024,
-  Eq. 5 "focal dice loss").
+  Eq. 5 "focal dice loss"). MONAI's ``DiceFocalLoss(softmax=True)`` still applies a *sigmoid* focal term; ours uses
+  ``FocalLoss(use_softmax=True)`` inside it, so both terms see the same softmax distribution.
 - ``StructureLoss``: Zhang et al., TransFuse (MICCAI 2021) / F3Net's structure loss: boundary weight
   ``w = 1 + 5 |avgpool_31(mask) - mask|``, weighted BCE + weighted IoU, per channel of sigmoid logits.
 
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceFocalLoss
+from monai.losses import DiceFocalLoss, FocalLoss
 from torch import nn
 
 from distill.attention import resize_to
@@ -54,7 +55,7 @@ def deep_supervision_loss(
 
 
 class SegLoss(nn.Module):
-    """Focal + Dice loss on softmax logits (MONAI ``DiceFocalLoss(softmax=True, to_onehot_y=True)``).
+    """Focal + Dice loss on softmax logits (MONAI ``DiceFocalLoss(softmax=True, to_onehot_y=True)``, softmax focal).
 
     Args:
         lambda_dice: Dice weight.
@@ -85,6 +86,8 @@ class SegLoss(nn.Module):
             lambda_dice=lambda_dice,
             lambda_focal=lambda_focal,
         )
+        # the labels are one-hot already when the focal term runs (DiceFocalLoss converts them first)
+        self.loss.focal = FocalLoss(include_background=include_background, gamma=gamma, use_softmax=True)
 
     def forward(self, pred: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         return deep_supervision_loss(self.loss, pred, target, self.ds_weights)

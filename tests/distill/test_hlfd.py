@@ -9,7 +9,7 @@ import torch
 import distill
 from distill.hlfd import IFDLoss, IPDLoss, UFDLoss, UPDLoss
 from distill.kl import pixel_kl
-from tests.distill.tiny_nets import np_at_dist, np_conv1x1, np_kl, np_resize, np_softmax, pair
+from tests.distill.tiny_nets import np_at_dist, np_hlfd_terms, np_kl, np_resize, np_softmax, pair
 
 T64 = torch.float64
 
@@ -83,17 +83,7 @@ def test_hlfd_total_is_beta_feature_plus_lambda_pixel_with_its_heads():
     x = torch.randn(2, 1, 16, 16)
     d, sf, tf = _features(s_net, t_net, x)
     out = d(sf, tf)
-    npy = {k: v.detach().double().numpy() for k, v in {**sf, **tf}.items()}
-    # student taps: early, mid1, mid2 (student) -- teacher: mid1, mid2, late, head_mid1/2, head
-    s_early, s_mid = npy["early"], None
-    ufd = np_at_dist(s_early, np.concatenate([np_resize(tf["mid1"].double().numpy(), (2, 2)), tf["mid2"].double().numpy()], 1))
-    s_mid = [sf["mid1"].detach().double().numpy(), sf["mid2"].detach().double().numpy()]
-    late = tf["late"].double().numpy()
-    ifd = sum(np_at_dist(m, late) for m in s_mid)
-    p_mid = [np_resize(tf[k].double().numpy(), (4, 4)) for k in ("head_mid1", "head_mid2")]
-    upd = np_kl(np_conv1x1(s_early, d.connectors["upd"]), (np_softmax(p_mid[0] / 4) + np_softmax(p_mid[1] / 4)) / 2, 4)
-    p_fin = np_softmax(tf["head"].double().numpy() / 4)
-    ipd = np.mean([np_kl(np_conv1x1(m, h), p_fin, 4) for m, h in zip(s_mid, d.connectors["ipd"])])
+    ufd, ifd, upd, ipd = np_hlfd_terms(sf, tf, d.connectors)
     for k, v in {"kd_ufd": ufd, "kd_ifd": ifd, "kd_upd": upd, "kd_ipd": ipd}.items():
         assert out[k].item() == pytest.approx(v, rel=1e-4), k
     assert out["kd_total"].item() == pytest.approx(0.9 * (ufd + ifd) + 0.1 * (upd + ipd), rel=1e-4)

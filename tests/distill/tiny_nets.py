@@ -118,3 +118,18 @@ def np_conv1x1(x: np.ndarray, conv: nn.Module) -> np.ndarray:
     b = conv.bias.detach().double().numpy()
     y = np.einsum("oc,bc...->bo...", w, x)
     return y + b.reshape(1, -1, *([1] * (x.ndim - 2)))
+
+
+def np_hlfd_terms(sf, tf, connectors):
+    """(UFD, IFD, UPD, IPD) in numpy for TinyNet taps (student early/mid1/mid2; teacher mid1/mid2/late/heads)."""
+    f = {k: v.detach().double().numpy() for k, v in {**{"s_" + k: v for k, v in sf.items()}, **tf}.items()}
+    small = f["mid2"].shape[2:]
+    ufd = np_at_dist(f["s_early"], np.concatenate([np_resize(f["mid1"], small), f["mid2"]], 1))
+    s_mid = [f["s_mid1"], f["s_mid2"]]
+    ifd = sum(np_at_dist(m, f["late"]) for m in s_mid)
+    big = f["head_mid1"].shape[2:]
+    p_mid = (np_softmax(np_resize(f["head_mid1"], big) / 4) + np_softmax(np_resize(f["head_mid2"], big) / 4)) / 2
+    upd = np_kl(np_conv1x1(f["s_early"], connectors["upd"]), p_mid, 4)
+    p_fin = np_softmax(f["head"] / 4)
+    ipd = float(np.mean([np_kl(np_conv1x1(m, h), p_fin, 4) for m, h in zip(s_mid, connectors["ipd"])]))
+    return ufd, ifd, upd, ipd
