@@ -87,7 +87,7 @@ class Critic(nn.Module):
             nn.LeakyReLU(0.2),
             conv(width, 2 * width, 3, stride=2, padding=1),
             nn.LeakyReLU(0.2),
-            conv(2 * width, 1, 1),
+            conv(2 * width, 1, 1, bias=False),  # a constant offset cancels in D(q_s) - D(q_t)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
