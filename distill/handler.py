@@ -8,6 +8,9 @@ Event timeline of ``SupervisedTrainer._iteration`` (monai 1.6) and what the hand
 - ``LOSS_COMPLETED`` (still inside autocast, before backward): run the frozen teacher on ``output["image"]`` under
   ``no_grad``, compute the method's terms in float32 and set ``output["loss"] = L_seg + kd_total``; the trainer then
   back-propagates that loss, so gradients reach the student and the connectors (never the teacher).
+- ``BACKWARD_COMPLETED`` (distributed runs): all-reduce (average) the connectors' gradients, which DDP does not see
+  because the connectors live outside the DDP-wrapped student; at ``STARTED`` they are broadcast from rank 0, so the
+  connectors stay identical on every rank.
 - ``ITERATION_COMPLETED``: close the capture and drop the recorded tensors.
 
 Values written into ``engine.state.output`` (floats, for ``StatsHandler``/MLflow): ``loss_seg`` (the segmentation loss),
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
@@ -88,10 +92,29 @@ class DistillationHandler:
             self.distiller.to(device)
             if self.distiller.teacher is not None:
                 self.distiller.teacher.to(device)
+        engine.add_event_handler(Events.STARTED, self._broadcast_connectors)
         engine.add_event_handler(Events.ITERATION_STARTED, self._open)
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._sync_connector_grads)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._close)
         engine.add_event_handler(Events.COMPLETED, self._close)
+
+    @staticmethod
+    def _distributed() -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def _broadcast_connectors(self, engine: Engine) -> None:
+        if self._distributed():
+            for p in self.distiller.parameters():
+                dist.broadcast(p.data, src=0)
+
+    def _sync_connector_grads(self, engine: Engine) -> None:
+        if self._distributed():
+            world = dist.get_world_size()
+            for p in self.distiller.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
 
     def _open(self, engine: Engine) -> None:
         if self.distiller.student_capture is not None:

@@ -153,8 +153,6 @@ class HLFD(KDMethod):
     ) -> None:
         super().__init__(plan)
         self.check_weights(beta=beta, lam=lam, ufd=ufd, ifd=ifd, upd=upd, ipd=ipd, temperature=temperature, p=p)
-        if temperature <= 0 or p <= 0:
-            raise ValueError(f"temperature and p must be > 0, got temperature={temperature}, p={p}.")
         self.beta, self.lam = float(beta), float(lam)
         self.weights = {"ufd": float(ufd), "ifd": float(ifd), "upd": float(upd), "ipd": float(ipd)}
         self.ufd_loss, self.ifd_loss = UFDLoss(p), IFDLoss(p)

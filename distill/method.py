@@ -38,12 +38,17 @@ class KDMethod(nn.Module):
         self.plan = plan
         self.connectors = nn.ModuleDict()
 
-    @staticmethod
-    def check_weights(**weights: float) -> None:
-        """Raise ValueError naming any negative or non-finite weight/temperature."""
+    #: parameters that must be strictly positive (a temperature, an attention exponent)
+    POSITIVE: ClassVar[tuple[str, ...]] = ("temperature", "p")
+
+    @classmethod
+    def check_weights(cls, **weights: float) -> None:
+        """Raise ValueError naming any negative or non-finite weight, or a non-positive ``temperature``/``p``."""
         for k, v in weights.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v >= 0) or v == float("inf"):
                 raise ValueError(f"Weight {k}={v!r} must be a finite number >= 0.")
+            if k in cls.POSITIVE and v <= 0:
+                raise ValueError(f"{k} must be > 0, got {v!r}.")
 
     def forward(self, student: Features, teacher: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError

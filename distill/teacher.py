@@ -79,12 +79,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, net_kwargs
 
 
-def load_teacher(checkpoint_path: str | Path, network_name: str | None = None, **network_kwargs: Any) -> nn.Module:
+def load_teacher(
+    checkpoint_path: str | Path, network_name: str | Mapping[str, Any] | None = None, **network_kwargs: Any
+) -> nn.Module:
     """Build a network with ``networks.create`` and load trained weights into it (strict), frozen and marked trained.
 
     Args:
         checkpoint_path: checkpoint file (formats in the module docstring).
-        network_name: a ``networks.NETWORKS`` name; None takes ``checkpoint["network"]["name"]``.
+        network_name: a ``networks.NETWORKS`` name; None takes ``checkpoint["network"]["name"]``. A mapping is read
+            as network kwargs (optionally with ``"name"``), i.e. ``load_teacher(path, {"name": ..., **kwargs})``.
         network_kwargs: ``networks.create`` kwargs; they update the checkpoint's ``"network"`` kwargs.
 
     Returns:
@@ -96,6 +99,9 @@ def load_teacher(checkpoint_path: str | Path, network_name: str | None = None, *
     """
     import networks  # local import: networks is a sibling package built concurrently
 
+    if isinstance(network_name, Mapping):
+        network_kwargs = {**{k: v for k, v in network_name.items() if k != "name"}, **network_kwargs}
+        network_name = network_name.get("name")
     state, saved = read_checkpoint(checkpoint_path)
     kwargs = {k: v for k, v in saved.items() if k != "name"}
     kwargs.update(network_kwargs)

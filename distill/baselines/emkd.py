@@ -123,8 +123,6 @@ class EMKD(KDMethod):
     ) -> None:
         super().__init__(plan)
         self.check_weights(pmd=pmd, imd=imd, rad=rad, temperature=temperature, p=p)
-        if temperature <= 0 or p <= 0:
-            raise ValueError(f"temperature and p must be > 0, got temperature={temperature}, p={p}.")
         self.w = {"pmd": float(pmd), "imd": float(imd), "rad": float(rad)}
         self.temperature = float(temperature)
         self.imd_loss, self.rad_loss = ImportanceMapLoss(p), RegionAffinityLoss()

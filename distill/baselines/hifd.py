@@ -48,8 +48,6 @@ class HIFD(KDMethod):
     def __init__(self, plan: TapPlan, beta: float = 0.9, lam: float = 0.1, temperature: float = 4.0) -> None:
         super().__init__(plan)
         self.check_weights(beta=beta, lam=lam, temperature=temperature)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
         self.beta, self.lam, self.temperature = float(beta), float(lam), float(temperature)
         sd, chans = plan.spatial_dims, plan.channels("student", "layers")
         self.connectors["feature"] = conv1x1_list(sd, chans, plan.channels("teacher", "late")[0])

@@ -52,8 +52,6 @@ class IMF(KDMethod):
     def __init__(self, plan: TapPlan, feature: float = 1.0, logit: float = 1.0, temperature: float = 4.0) -> None:
         super().__init__(plan)
         self.check_weights(feature=feature, logit=logit, temperature=temperature)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
         self.w_feature, self.w_logit, self.temperature = float(feature), float(logit), float(temperature)
         sd, k = plan.spatial_dims, plan.num_classes
         ct = plan.channels("teacher", "late")[0]

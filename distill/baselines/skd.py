@@ -126,8 +126,6 @@ class SKD(KDMethod):
     ) -> None:
         super().__init__(plan)
         self.check_weights(pixel=pixel, pair=pair, holistic=holistic, temperature=temperature, gp=gp)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
         self.w_pixel, self.w_pair, self.w_holistic = float(pixel), float(pair), float(holistic)
         self.temperature, self.gp = float(temperature), float(gp)
         self.pair_loss = PairwiseAffinityLoss(pool)

@@ -127,3 +127,20 @@ def test_ddp_wrapped_student_gloo(tmp_path):
         assert any(not torch.equal(v, before[k]) for k, v in s_net.state_dict().items())
     finally:
         dist.destroy_process_group()
+
+
+def test_mixed_precision_features_give_float32_losses():
+    s_net, t_net = pair()
+    d = distill.create_distiller("hlfd", s_net, t_net)
+    x = torch.randn(2, 1, 16, 16)
+    with d.student_capture:
+        s_net(x)
+    ref = d(d.student_capture.outputs, d.teacher_features(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with d.student_capture:
+            s_net(x)
+        assert d.student_capture.outputs["mid1"].dtype == torch.bfloat16
+        out = d(d.student_capture.outputs, d.teacher_features(x))
+    assert all(v.dtype == torch.float32 for v in out.values())
+    for k in ref:
+        assert out[k].item() == pytest.approx(ref[k].item(), rel=0.1, abs=1e-3), k

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.data import DataLoader
+from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedTrainer
 
 import distill
@@ -39,7 +39,7 @@ def _cohort(n=4, size=32):
         cy, cx, r = 10 + 3 * i, 12 + 2 * i, 4 + i % 3
         disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).float()
         image = 0.3 * torch.randn(3, size, size, generator=g) + disc
-        data.append({"image": image, "label": disc[None].long()})
+        data.append({"image": MetaTensor(image), "label": MetaTensor(disc[None].long())})
     return data
 
 
@@ -66,7 +66,9 @@ def _epoch(method, teacher):
     )
     distill.DistillationHandler(d, teacher=teacher).attach(trainer)
     t_before = {k: v.clone() for k, v in teacher.state_dict().items()} if teacher is not None else {}
+    keys = list(student.state_dict())
     trainer.run()
+    assert list(student.state_dict()) == keys  # nothing of the distiller ends up in the exported student
     out = trainer.state.output
     assert trainer.state.iteration == 2
     assert torch.isfinite(out["loss"]) and set(out) >= EXPECTED_KEYS[method] | {"kd_total", "loss_seg"}

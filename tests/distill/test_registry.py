@@ -18,6 +18,9 @@ def test_methods_and_bad_names():
         distill.create_distiller("hlfd", s, None)
     with pytest.raises(ValueError, match="must be a finite number"):
         distill.create_distiller("hlfd", s, t, beta=-1.0)
+    for method in ("hlfd", "hinton", "skd", "imf", "emkd", "hifd"):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            distill.create_distiller(method, s, t, temperature=0.0)
     assert distill.default_weights("hlfd")["beta"] == 0.9 and distill.default_weights("hlfd")["lam"] == 0.1
 
 

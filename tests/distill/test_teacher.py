@@ -28,6 +28,8 @@ def test_load_bundle_checkpoint_and_raw_state_dict(tmp_path):
     torch.save({"module." + k: v for k, v in src.state_dict().items()}, raw)  # DDP-saved raw state dict
     teacher = distill.load_teacher(raw, "unetpp_teacher", **KW)
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), src.state_dict().values()))
+    teacher = distill.load_teacher(raw, {"name": "unetpp_teacher", **KW})  # kwargs as one mapping
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), src.state_dict().values()))
 
 
 def test_bad_checkpoints(tmp_path):
