@@ -48,7 +48,8 @@ def create(name: str, **kwargs: Any) -> TapNetwork:
             - ``transfuse_s`` / ``transfuse_l``: ``spatial_dims=2, in_channels=3, out_channels=1, img_size=352,
               fusion="bifusion", parallel_streams=False, dropout=0.2, embed_dim, depth, num_heads, cnn_widths,
               decoder_channels, head_channels, cnn_weights=None, vit_weights=None``
-              (``networks.transfuse.TransFuse``).
+              (``networks.transfuse.TransFuse``; ``cnn_weights``: a local torchvision ResNet-34 / official
+              Res2Net-50 state dict, ``vit_weights``: a local timm DeiT-S / DeiT-B checkpoint).
         **kwargs: passed to the network's constructor.
 
     Returns:
@@ -62,9 +63,14 @@ def create(name: str, **kwargs: Any) -> TapNetwork:
         raise ValueError(f"Unknown network {name!r}; valid names: {', '.join(NETWORKS)}.")
     module_name, attr = _REGISTRY[name].split(":")
     factory = getattr(importlib.import_module(module_name), attr)
-    weights = kwargs.pop("encoder_weights", None) if name == "resnet18_student" else None
+    if name == "resnet18_student":
+        weights = {"source": kwargs.pop("encoder_weights", None)}
+    elif name.startswith("transfuse"):
+        weights = {"cnn": kwargs.pop("cnn_weights", None), "vit": kwargs.pop("vit_weights", None)}
+    else:
+        weights = {}
     net = factory(**kwargs)
-    if weights is not None:
-        net.load_pretrained(weights)
+    if any(v is not None for v in weights.values()):
+        net.load_pretrained(**weights)
     logger.debug("created %s with %s", name, kwargs)
     return net

@@ -8,7 +8,8 @@ distillation are not part of it: they belong to the distillation connectors, whi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 from networks.blocks import ConvNormAct, NormType, ScaleUp, check_positive_ints, check_spatial_dims, conv
 from networks.contract import FeatureContract, Tap, TapNetwork
 from networks.resnet import ResNetEncoder
+from networks.weights import LoadReport, load_resnet_weights
 
 __all__ = ["ResNet18Student", "DEFAULT_DECODER_CHANNELS"]
 
@@ -97,6 +99,17 @@ class ResNet18Student(TapNetwork):
             h = self.up(h)
             h = block(h if skip is None else torch.cat([h, skip], dim=1))
         return self.head(h)
+
+    def load_pretrained(self, source: str | Path | Mapping[str, torch.Tensor]) -> LoadReport:
+        """Load a local torchvision ResNet-18 state dict into the encoder (first conv adapted to ``in_channels``).
+
+        Returns:
+            the ``networks.weights.LoadReport`` (``fc.*`` is reported as unexpected).
+
+        Raises:
+            FileNotFoundError, ValueError: missing, unreadable or incompatible file (named in the message).
+        """
+        return load_resnet_weights(self.encoder, source)
 
     def feature_contract(self) -> FeatureContract:
         """Taps of the student (see the class docstring)."""

@@ -25,6 +25,7 @@ from networks.blocks import ConvNormAct, ScaleUp, check_positive_ints, conv
 from networks.contract import FeatureContract, Tap, TapNetwork
 from networks.resnet import ResNetEncoder
 from networks.vit import VisionTransformerEncoder, to_2tuple
+from networks.weights import LoadReport, Source, load_deit_weights, load_resnet_weights
 
 __all__ = [
     "TransFuse",
@@ -399,6 +400,28 @@ class TransFuse(TapNetwork):
             self.head_f0(f0)
             return final
         return final, self.head_transformer(t2), self.head_f0(f0)
+
+    def load_pretrained(self, cnn: Source | None = None, vit: Source | None = None) -> dict[str, LoadReport]:
+        """Load local pretrained weights into the branches (nothing is downloaded).
+
+        Args:
+            cnn: torchvision ResNet-34 (-S) or official Res2Net-50 (-L) state dict / file; ``layer4`` and ``fc``
+                are dropped, the first conv is adapted to ``in_channels``.
+            vit: timm DeiT checkpoint / state dict; class tokens, heads and blocks beyond ``depth`` are dropped,
+                position embeddings resampled, the patch embedding adapted to ``in_channels``.
+
+        Returns:
+            ``{"cnn": LoadReport, "vit": LoadReport}`` for the sources given.
+
+        Raises:
+            FileNotFoundError, ValueError: missing, unreadable or incompatible file (named in the message).
+        """
+        reports: dict[str, LoadReport] = {}
+        if cnn is not None:
+            reports["cnn"] = load_resnet_weights(self.cnn, cnn)
+        if vit is not None:
+            reports["vit"] = load_deit_weights(self.transformer, vit)
+        return reports
 
     def feature_contract(self) -> FeatureContract:
         """Taps of TransFuse (see the class docstring)."""
