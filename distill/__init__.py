@@ -8,6 +8,17 @@ Public API:
 - ``trainable_parameters(student, distiller)``: student + connector parameters for the optimiser
 - ``load_teacher(checkpoint_path, network_name=None, **network_kwargs)``; ``mark_trained``; ``trained_source``
 - ``FeatureCapture`` (hooks by module path); ``attention_map``/``attention_distance``; ``seg_losses.SegLoss``/``StructureLoss``
+
+Wiring (a bundle does the same with ``_target_`` entries; the handler may go in ``train_handlers``)::
+
+    teacher = distill.load_teacher("teacher.pt")  # {"model": state_dict, "network": {"name": ..., **create kwargs}}
+    student = networks.create("resnet18_student", spatial_dims=2, in_channels=3, out_channels=3)
+    distiller = distill.create_distiller("hlfd", student, teacher, beta=0.9, lam=0.1, temperature=4.0)
+    optimizer = torch.optim.Adam(distill.trainable_parameters(student, distiller), lr=1e-3)
+    trainer = SupervisedTrainer(..., network=student, optimizer=optimizer, loss_function=distill.SegLoss())
+    distill.DistillationHandler(distiller, teacher=teacher).attach(trainer)
+
+Save ``distiller.state_dict()`` (the connectors) next to the student only to resume training; export the student alone.
 """
 
 from __future__ import annotations

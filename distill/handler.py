@@ -79,11 +79,26 @@ class DistillationHandler:
         self.image_key, self.label_key, self.loss_key = image_key, label_key, loss_key
 
     def attach(self, engine: Engine) -> None:
-        """Register on the trainer's events; move the distiller and teacher to the trainer's device.
+        """Register on the trainer's events.
+
+        Works both when called directly and from ``SupervisedTrainer(train_handlers=[...])`` (which attaches before
+        the trainer has its ``network``): the network check and the move of the distiller and the teacher to the
+        trainer's device then happen at ``STARTED``.
 
         Raises:
             ValueError: the engine's network is not the distiller's student.
         """
+        if getattr(engine, "network", None) is not None:
+            self._prepare(engine)
+        engine.add_event_handler(Events.STARTED, self._prepare)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._open)
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._sync_connector_grads)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._close)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+
+    def _prepare(self, engine: Engine) -> None:
+        """Check the trainer's network, move the distiller and teacher to its device, sync connectors across ranks."""
         network = getattr(engine, "network", None)
         if network is None or unwrap(network) is not unwrap(self.distiller.student):
             raise ValueError("DistillationHandler: the trainer's network is not the distiller's student.")
@@ -92,21 +107,13 @@ class DistillationHandler:
             self.distiller.to(device)
             if self.distiller.teacher is not None:
                 self.distiller.teacher.to(device)
-        engine.add_event_handler(Events.STARTED, self._broadcast_connectors)
-        engine.add_event_handler(Events.ITERATION_STARTED, self._open)
-        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
-        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._sync_connector_grads)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._close)
-        engine.add_event_handler(Events.COMPLETED, self._close)
+        if self._distributed():
+            for p in self.distiller.parameters():
+                dist.broadcast(p.data, src=0)
 
     @staticmethod
     def _distributed() -> bool:
         return dist.is_available() and dist.is_initialized()
-
-    def _broadcast_connectors(self, engine: Engine) -> None:
-        if self._distributed():
-            for p in self.distiller.parameters():
-                dist.broadcast(p.data, src=0)
 
     def _sync_connector_grads(self, engine: Engine) -> None:
         if self._distributed():

@@ -2,8 +2,8 @@
 
 A method declares roles, e.g. HLFD's student ``early`` and ``mid`` and teacher ``mid``, ``late``, ``pred_mid`` and
 ``pred_final``; by default each role takes the taps of the same-named group of the network's feature contract
-(``networks.contract``). Configuration may override any role with tap names (``"mid.1"``), the module path of a declared tap,
-``"output"`` (the network's forward output) or explicit ``Tap`` objects (any module path), e.g.
+(``networks.contract``). Configuration may override any role with tap names (``"mid.1"``), the module path of a
+declared tap, ``"output"`` (the network's forward output) or explicit ``Tap`` objects (any module path), e.g.
 ``student_taps={"mid": ["mid.1", "mid.2"]}``. The plan checks that names exist, single-tap roles get one tap,
 prediction roles have as many channels as classes, and paired roles have equal lengths.
 """

@@ -167,3 +167,16 @@ def test_gradients_reach_student_and_connectors_never_teacher(method):
     again = d(d.student_capture.outputs, d.teacher_features(x), torch.zeros(2, 1, 16, 16))
     first = d(d.student_capture.outputs, d.teacher_features(x), torch.zeros(2, 1, 16, 16))
     assert again["kd_total"].item() == first["kd_total"].item()
+
+
+@pytest.mark.parametrize("method", ["hlfd", "hinton", "skd", "imf", "emkd", "hifd"])
+def test_every_method_runs_in_3d(method):
+    s_net, t_net = pair(spatial_dims=3)
+    d = distill.create_distiller(method, s_net, t_net, **({"holistic": 0.1} if method == "skd" else {}))
+    x = torch.randn(1, 1, 16, 16, 8)
+    with d.student_capture:
+        s_net(x)
+    out = d(d.student_capture.outputs, d.teacher_features(x), torch.randint(0, 2, (1, 1, 16, 16, 8)))
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+    out["kd_total"].backward()
+    assert all(p.grad is not None for p in d.parameters())

@@ -92,6 +92,28 @@ def test_none_method_adds_zero():
     assert o["kd_total"] == 0.0 and o["loss"].item() == pytest.approx(o["loss_seg"])
 
 
+def test_handler_in_train_handlers_list():
+    # SupervisedTrainer attaches train_handlers before it has its network: the check runs at STARTED
+    s_net, t_net = pair()
+    d = distill.create_distiller("hinton", s_net, t_net)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=DataLoader(_data(), batch_size=2),
+        network=s_net, optimizer=torch.optim.SGD(distill.trainable_parameters(s_net, d), lr=0.1),
+        loss_function=SegLoss(), decollate=False,
+        train_handlers=[distill.DistillationHandler(d, allow_untrained_teacher=True)],
+    )
+    trainer.run()
+    assert trainer.state.output["kd_total"] > 0
+    other, _ = pair(seed=1)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=DataLoader(_data(), batch_size=2),
+        network=other, optimizer=torch.optim.SGD(other.parameters(), lr=0.1), loss_function=SegLoss(),
+        train_handlers=[distill.DistillationHandler(d, allow_untrained_teacher=True)],
+    )
+    with pytest.raises(ValueError, match="not the distiller's student"):
+        trainer.run()
+
+
 def test_handler_rejects_other_network():
     s_net, t_net = pair()
     d = distill.create_distiller("hlfd", s_net, t_net)
