@@ -75,7 +75,11 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
             raise ValueError(f"{src} is not a NIfTI file (.nii/.nii.gz); pass a folder for DICOM series.")
         images = [src]
     else:
-        images = sorted(p for p in src.rglob("*") if _is_nifti(p) and out.resolve() not in p.resolve().parents)
+        # outputs of an earlier run inside input_dir (output_dir below it) are not inputs
+        nested_out = out.resolve() != src.resolve() and src.resolve() in out.resolve().parents
+        images = sorted(
+            p for p in src.rglob("*") if _is_nifti(p) and not (nested_out and out.resolve() in p.resolve().parents)
+        )
         dicom_dirs = sorted({p.parent for p in src.rglob("*") if p.is_file() and not _is_nifti(p) and _looks_dicom(p)})
         if dicom_dirs:
             from pipelines import dicom_to_nifti

@@ -355,7 +355,7 @@ class EpochAverager:
         optimizer: optimizer whose first group's lr is logged as ``lr``.
     """
 
-    def __init__(self, prefix_keys: Sequence[str] = ("loss", "kd_*"), optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(self, prefix_keys: Sequence[str] = ("loss", "loss_seg", "kd_*"), optimizer: torch.optim.Optimizer | None = None) -> None:
         self.keys = tuple(prefix_keys)
         self.optimizer = optimizer
         self._sum: dict[str, float] = {}

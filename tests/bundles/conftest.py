@@ -1,0 +1,68 @@
+"""Session fixtures for the bundle tests: one tiny synthetic cohort and one trained tiny teacher, shared."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: overrides that make every CT bundle tiny: 64^2 slices (no resize), 2 samples per volume, one epoch
+TINY = [
+    "--in_plane_size", "[64,64]",
+    "--samples_per_volume", "2",
+    "--batch_size", "4",
+    "--num_workers", "0",
+    "--epochs", "1",
+    "--sw_batch_size", "32",
+    "--check_data", "false",  # TEMP until check_dataset lands
+]  # fmt: skip
+TINY_WIDTHS = {
+    "unetpp_teacher": "{'features': [4, 8, 16, 32]}",
+    "resnet18_student": "{'base_width': 4}",
+    "hlfd": "{'base_width': 4}",
+    "kd_baselines": "{'base_width': 4}",
+    "transfuse_ct": "{'embed_dim': 16, 'depth': 1, 'num_heads': 2, 'cnn_widths': [4, 8, 16], 'cnn_layers': [1, 1, 1], 'decoder_channels': [8, 4], 'head_channels': 4}",
+}
+
+
+def run_bundle(run_id: str, config: str | list[str], *args: str, expect_ok: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run <run_id> --config_file <config> <args>`` from the repo root (2 threads)."""
+    cfg = config if isinstance(config, str) else "[" + ",".join(f"'{c}'" for c in config) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", cfg, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_ok and proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    """A KiTS-like synthetic cohort: 2 cases, 64 voxels a side (training 1, validation 1)."""
+    from pipelines.synthesize import synthesize
+
+    out = tmp_path_factory.mktemp("cohort") / "kits"
+    synthesize("kits", cases=2, size=64, out=out, seed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def teacher_run(cohort, tmp_path_factory) -> Path:
+    """Output folder of a one-epoch tiny UNet++ teacher run (checkpoints, CSVs, MLflow store)."""
+    out = tmp_path_factory.mktemp("teacher_run")
+    run_bundle(
+        "training",
+        "bundles/unetpp_teacher/configs/train.yaml",
+        "--dataset_dir", str(cohort),
+        "--output_dir", str(out),
+        "--network_kwargs", TINY_WIDTHS["unetpp_teacher"],
+        *TINY,
+    )  # fmt: skip
+    return out
