@@ -144,6 +144,6 @@ class DistillationHandler:
         else:
             terms = {"kd_total": torch.zeros((), device=seg.device)}
         output[self.loss_key] = seg + terms["kd_total"]
-        output["loss_seg"] = float(seg.detach())
-        for k, v in terms.items():
-            output[k] = float(v.detach())
+        names = ["loss_seg", *terms]
+        values = torch.stack([seg.detach().float().reshape(()), *(v.detach().to(seg.device) for v in terms.values())])
+        output.update(zip(names, values.tolist()))  # one device sync for all the logged floats
