@@ -9,7 +9,7 @@ built and runs under ``torch.no_grad``. Losses are computed in float32 with auto
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from monai.data import MetaTensor
@@ -101,7 +101,9 @@ class Distiller(nn.Module):
         self.teacher_capture.clear()
         return feats
 
-    def _gather(self, side: str, feats: Mapping[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    def _gather(
+        self, side: str, feats: Mapping[str, torch.Tensor], input_size: Sequence[int] | None
+    ) -> dict[str, list[torch.Tensor]]:
         plan = self.method.plan
         roles = plan.student if side == "student" else plan.teacher
         out: dict[str, list[torch.Tensor]] = {}
@@ -119,6 +121,13 @@ class Distiller(nn.Module):
                     raise ValueError(
                         f"{side} tap {tap.path!r} declares {tap.channels} channels ({plan.spatial_dims}D) but produced {shape}."
                     )
+                if input_size is not None:
+                    expected = tuple(int(n) // tap.stride for n in input_size)
+                    if tuple(x.shape[2:]) != expected:
+                        raise ValueError(
+                            f"{side} tap {tap.path!r} declares stride {tap.stride} (spatial {expected} for input "
+                            f"{tuple(input_size)}) but produced {tuple(x.shape)}."
+                        )
                 tensors.append(x.float())
             out[role] = tensors
         return out
@@ -128,6 +137,7 @@ class Distiller(nn.Module):
         student_features: Mapping[str, torch.Tensor],
         teacher_features: Mapping[str, torch.Tensor],
         labels: torch.Tensor | None = None,
+        input_size: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Compute the method's terms in float32.
 
@@ -135,15 +145,18 @@ class Distiller(nn.Module):
             student_features: ``{tap path: tensor}`` from ``student_capture.outputs``.
             teacher_features: ``{tap path: tensor}`` from ``teacher_features()``.
             labels: ``(B, 1, *spatial)`` integer labels (used by EMKD's region affinity), or None.
+            input_size: spatial size of the network input; when given, every tap's spatial size is checked against
+                ``input_size // stride`` (the handler passes it).
 
         Returns:
             ``{"kd_<term>": scalar, ..., "kd_total": scalar}`` (float32 tensors).
 
         Raises:
-            RuntimeError: a needed tap was not captured. ValueError: a tap's output disagrees with its declaration.
+            RuntimeError: a needed tap was not captured. ValueError: a tap's output disagrees with its declared
+            channels or stride.
         """
-        s = self._gather("student", student_features)
-        t = self._gather("teacher", teacher_features)
+        s = self._gather("student", student_features, input_size)
+        t = self._gather("teacher", teacher_features, input_size)
         device = next((v[0].device for v in s.values() if v), torch.device("cpu"))
         with torch.autocast(device_type=device.type, enabled=False):
             out = self.method(s, t, None if labels is None else _plain(labels))

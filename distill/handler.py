@@ -140,7 +140,7 @@ class DistillationHandler:
             images = output[self.image_key]
             s_feats = self.distiller.student_capture.outputs if self.distiller.student_capture is not None else {}
             t_feats = self.distiller.teacher_features(images)
-            terms = self.distiller(s_feats, t_feats, output.get(self.label_key))
+            terms = self.distiller(s_feats, t_feats, output.get(self.label_key), input_size=images.shape[2:])
         else:
             terms = {"kd_total": torch.zeros((), device=seg.device)}
         output[self.loss_key] = seg + terms["kd_total"]

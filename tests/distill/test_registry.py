@@ -80,5 +80,11 @@ def test_declared_channels_are_checked_at_run_time():
         s(x)
     with pytest.raises(ValueError, match="declares 99 channels"):
         d(d.student_capture.outputs, d.teacher_features(x))
+    d = distill.create_distiller("hlfd", s, t, student_taps={"early": Tap("early", 2, 4)})
+    with d.student_capture:
+        s(x)
+    d(d.student_capture.outputs, d.teacher_features(x))  # without the input size no stride check
+    with pytest.raises(ValueError, match=r"declares stride 4 \(spatial \(4, 4\)"):
+        d(d.student_capture.outputs, d.teacher_features(x), input_size=(16, 16))
     with pytest.raises(RuntimeError, match="No student output captured"):
         d({}, d.teacher_features(x))
