@@ -36,6 +36,8 @@ _REGISTRY: dict[str, type[KDMethod]] = {
     "none": NoDistillation,
 }
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
+#: names the HLFD paper's Table 1 uses for two baselines
+_PAPER_NAMES = {"ifd": "imf", "dkd": "emkd"}
 
 
 def method_class(name: str) -> type[KDMethod]:
@@ -46,7 +48,8 @@ def method_class(name: str) -> type[KDMethod]:
     """
     key = str(name).strip().lower() if isinstance(name, str) else name
     if key not in _REGISTRY:
-        raise ValueError(f"Unknown distillation method {name!r}; valid methods: {', '.join(METHODS)}.")
+        hint = f" (the HLFD paper's {str(name).upper()} baseline is {_PAPER_NAMES[key]!r})" if key in _PAPER_NAMES else ""
+        raise ValueError(f"Unknown distillation method {name!r}; valid methods: {', '.join(METHODS)}{hint}.")
     return _REGISTRY[key]
 
 

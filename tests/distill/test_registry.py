@@ -11,7 +11,10 @@ def test_methods_and_bad_names():
     assert distill.METHODS == ("hlfd", "hinton", "skd", "imf", "emkd", "hifd", "none")
     s, t = pair()
     with pytest.raises(ValueError, match="valid methods: hlfd, hinton, skd, imf, emkd, hifd, none"):
+        distill.create_distiller("kd", s, t)
+    with pytest.raises(ValueError, match="DKD baseline is 'emkd'"):
         distill.create_distiller("dkd", s, t)
+    assert distill.method_class(" HLFD ") is distill.HLFD
     with pytest.raises(ValueError, match=r"Unknown weight\(s\) \['gamma'\].*beta"):
         distill.create_distiller("hlfd", s, t, gamma=1.0)
     with pytest.raises(ValueError, match="needs a teacher"):
