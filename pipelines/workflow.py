@@ -33,6 +33,7 @@ __all__ = [
     "kd_weights",
     "make_inferer",
     "ct_metric_handlers",
+    "polyp_metric_handlers",
     "trainable",
     "unwrap",
     "EpochAverager",
@@ -322,6 +323,18 @@ def ct_metric_handlers(key: bool, names: Sequence[str] | None = None) -> dict[st
             metric_fn=RegionMetric(*CT_METRICS[n]), output_transform=from_engine(["pred", "label"]), save_details=True
         )
         for n in chosen
+    }
+
+
+def polyp_metric_handlers(key: bool, threshold: float = 0.5) -> dict[str, IgniteMetricHandler]:
+    """Per-image ``mdice`` (key metric) or ``miou`` handlers of the polyp bundle (``save_details=True``)."""
+    from pipelines.metrics import BinaryOverlapMetric
+
+    name, kind = ("mdice", "dice") if key else ("miou", "iou")
+    return {
+        name: IgniteMetricHandler(
+            metric_fn=BinaryOverlapMetric(kind, threshold), output_transform=from_engine(["pred", "label"]), save_details=True
+        )
     }
 
 
