@@ -47,6 +47,8 @@ __all__ = [
     "MultiScaleIteration",
     "WriteMaskd",
     "multiscale_size",
+    "discover_images",
+    "MasksCsvWriter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -310,3 +312,42 @@ class WriteMaskd(MapTransform):
             os.replace(tmp, target)
             self.rows.append([src.stem, float(arr.mean()), str(target)])
         return d
+
+
+def discover_images(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """RGB images (jpg/png/tif/bmp) directly in ``input_dir``, refusing an output that would overwrite one.
+
+    Raises:
+        ValueError: missing folder, no image, or ``output_dir`` equal to ``input_dir`` with PNG inputs.
+    """
+    src, out = Path(input_dir), Path(output_dir)
+    if not src.is_dir():
+        raise ValueError(f"input_dir {src} is not a folder of images; pass --input_dir <folder>.")
+    images = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"no image ({', '.join(_IMAGE_SUFFIXES)}) in {src}.")
+    inputs = {p.resolve() for p in images}
+    for p in images:
+        target = (out / f"{p.stem}.png").resolve()
+        if target in inputs:
+            raise ValueError(f"writing {target} would overwrite the input {p}; choose another --output_dir.")
+    return [{"image": str(p)} for p in images]
+
+
+class MasksCsvWriter:
+    """Write ``masks.csv`` (``case, foreground_fraction, output``) from a :class:`WriteMaskd` at COMPLETED."""
+
+    def __init__(self, writer: WriteMaskd, path: str) -> None:
+        self.writer, self.path = writer, path
+
+    def attach(self, engine: Any) -> None:
+        """Write on COMPLETED."""
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        """Write the rows recorded so far, sorted by case."""
+        from pipelines.metrics import write_csv_atomic
+
+        write_csv_atomic(self.path, ("case", "foreground_fraction", "output"), sorted(self.writer.rows))
