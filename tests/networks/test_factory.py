@@ -43,3 +43,28 @@ def test_bundle_config_instantiation():
     net = ConfigParser(config).get_parsed_content("network_def")
     assert isinstance(net, ResNet18Student)
     assert (net.in_channels, net.out_channels, net.widths) == (5, 3, (4, 8, 16, 32))
+
+
+def test_bundle_config_transfuse_with_list_img_size():
+    from networks.transfuse import TransFuse
+
+    config = {
+        "net": {
+            "_target_": "networks.create",
+            "name": "transfuse_l",
+            "spatial_dims": 2,
+            "in_channels": 5,
+            "out_channels": 3,
+            "img_size": [32, 48],
+            "embed_dim": 16,
+            "depth": 1,
+            "num_heads": 2,
+            "cnn_widths": [4, 8, 16],
+            "cnn_layers": [1, 1, 1],
+            "decoder_channels": [8, 4],
+            "head_channels": 4,
+        }
+    }
+    net = ConfigParser(config).get_parsed_content("net")
+    assert isinstance(net, TransFuse) and net.img_size == (32, 48) and net.transformer.grid == (2, 3)
+    assert net.cnn.block == "res2net" and net.transformer.depth == 1
