@@ -4,5 +4,15 @@ from __future__ import annotations
 
 from networks.contract import FeatureContract, Tap, TapNetwork
 from networks.factory import NETWORKS, create
+from networks.weights import LoadReport, load_deit_weights, load_resnet_weights
 
-__all__ = ["NETWORKS", "create", "FeatureContract", "Tap", "TapNetwork"]
+__all__ = [
+    "NETWORKS",
+    "create",
+    "FeatureContract",
+    "Tap",
+    "TapNetwork",
+    "LoadReport",
+    "load_resnet_weights",
+    "load_deit_weights",
+]

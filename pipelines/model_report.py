@@ -8,7 +8,8 @@ Usage::
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one eval-mode forward of the given batch
 (multiply-adds count as 2 FLOPs; normalisation, activations and interpolation are not counted). Latency is the
 median wall time of ``--runs`` eval-mode forwards under ``torch.inference_mode`` after ``--warmup`` untimed ones
-(CUDA is synchronised around each run).
+(CUDA is synchronised around each run). On a shared CPU prefer ``--threads 1``: two intra-op threads on busy
+cores can be an order of magnitude slower.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI: ``python -m pipelines.model_report NAME [--size H W [D]] [--channels C] [--classes N] [--device cpu|cuda]
-    [--runs N] [--warmup N] [--batch-size B] [--parallel-streams] [--json PATH]``."""
+    [--runs N] [--warmup N] [--batch-size B] [--threads N] [--parallel-streams] [--json PATH]``."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.model_report", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=networks.NETWORKS, help="network name")
     parser.add_argument(
@@ -160,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", type=int, default=10, help="timed forwards (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up forwards (default 3)")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--parallel-streams", action="store_true", help="TransFuse: branches on two CUDA streams")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
@@ -167,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--size needs 2 (H W) or 3 (H W D) values, got {args.size}")
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"--json: folder {args.json.parent} does not exist")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     extra = {"parallel_streams": True} if args.parallel_streams else {}
     if extra and not args.name.startswith("transfuse"):
         parser.error("--parallel-streams applies to transfuse_s / transfuse_l only")

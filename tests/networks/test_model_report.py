@@ -66,6 +66,7 @@ def test_cli_writes_json(tmp_path, capsys):
         ["unetpp_teacher", "--size", "32"],
         ["resnet18_student", "--parallel-streams"],
         ["unetpp_teacher", "--runs", "0"],
+        ["unetpp_teacher", "--threads", "0"],
     ],
 )
 def test_cli_errors(argv):
