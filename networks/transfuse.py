@@ -174,19 +174,13 @@ class BiFusion(nn.Module):
 
 
 class ConcatFusion(nn.Module):
-    """TransFuse-Concat ablation (Table 3): ``f = Residual([g, t])``. Same signature as ``BiFusion``."""
+    """TransFuse-Concat ablation (Table 3): ``f = Residual([g, t])``.
 
-    def __init__(
-        self,
-        cnn_channels: int,
-        trans_channels: int,
-        reduction: int,
-        inter_channels: int,
-        out_channels: int,
-        dropout: float = 0.0,
-    ) -> None:
+    Forward: ``g (B, C_i, h, w), t (B, D_i, h, w)`` -> ``f (B, out_channels, h, w)``.
+    """
+
+    def __init__(self, cnn_channels: int, trans_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
-        del reduction, inter_channels  # unused; kept for a drop-in signature
         self.residual = BottleneckResidual(cnn_channels + trans_channels, out_channels)
         self.dropout = nn.Dropout2d(dropout)
 
@@ -348,10 +342,12 @@ class TransFuse(TapNetwork):
         self.pup1 = UpBlock(d0, d1)
         self.pup2 = UpBlock(d1, d2)
         self.drop = nn.Dropout2d(self.dropout)
-        fuse_cls = BiFusion if fusion == "bifusion" else ConcatFusion
-        self.fuse0 = fuse_cls(c0, d0, r0, c0, c0, self.dropout / 2)
-        self.fuse1 = fuse_cls(c1, d1, r1, c1, c1, self.dropout / 2)
-        self.fuse2 = fuse_cls(c2, d2, r2, c2, c2, self.dropout / 2)
+        for i, (c, d, r) in enumerate(((c0, d0, r0), (c1, d1, r1), (c2, d2, r2))):
+            if fusion == "bifusion":
+                module: nn.Module = BiFusion(c, d, r, c, c, self.dropout / 2)
+            else:
+                module = ConcatFusion(c, d, c, self.dropout / 2)
+            self.add_module(f"fuse{i}", module)
         self.up1 = UpBlock(c0, c1, skip_channels=c1)
         self.up2 = UpBlock(c1, c2, skip_channels=c2)
         self.head = SegHead(c2, head_channels, self.out_channels, 4)
