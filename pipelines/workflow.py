@@ -29,6 +29,7 @@ __all__ = [
     "resolve_splits",
     "load_split",
     "preflight",
+    "run_check_dataset",
     "check_teacher_checkpoint",
     "kd_weights",
     "make_inferer",
@@ -46,6 +47,7 @@ __all__ = [
     "SaveOnIteration",
     "sidecar",
     "AllReduceGradients",
+    "volumes_per_batch",
     "simple_inferer",
 ]
 
@@ -217,6 +219,49 @@ def kd_weights(method: str, extra: Mapping[str, Any] | None = None, **knobs: Any
     return out
 
 
+def run_check_dataset(splits_file: str | os.PathLike) -> list[str]:
+    """Run ``pipelines.check_dataset`` on a split file (its CLI contract: exit 0 when clean, else one line per problem).
+
+    The check runs in this process through the module's ``main(argv)``; its report lines are logged.
+
+    Args:
+        splits_file: the split JSON (every listed image/label is checked).
+
+    Returns:
+        the report lines (warnings included) of a clean dataset.
+
+    Raises:
+        BundleInputError: a non-zero exit, with every line of the report.
+    """
+    import contextlib
+    import importlib.util
+    import io
+
+    if importlib.util.find_spec("pipelines.check_dataset") is None:
+        logger.warning("pipelines.check_dataset is not available: dataset integrity NOT checked")
+        return []
+    from pipelines import check_dataset
+
+    buf = io.StringIO()
+    code: Any = 0
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            ret = check_dataset.main([str(splits_file)])
+            code = ret if isinstance(ret, int) else 0
+        except SystemExit as e:
+            code = e.code
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    if code not in (0, None):
+        report = "\n  ".join(lines) or f"exit status {code}"
+        raise BundleInputError(
+            f"dataset integrity check failed (python -m pipelines.check_dataset {splits_file}); fix the data first "
+            f"(or pass --check_data false):\n  {report}"
+        )
+    for ln in lines:
+        logger.info("check_dataset: %s", ln)
+    return lines
+
+
 def preflight(
     splits_file: str,
     *,
@@ -257,15 +302,7 @@ def preflight(
     if missing:
         raise BundleInputError(f"{len(missing)} files listed in {splits_file} do not exist, e.g. {missing[:3]}.")
     if as_bool(check_integrity):
-        from pipelines import check_dataset
-
-        problems = check_dataset.check_entries(entries)
-        errors = [p for p in problems if getattr(p, "severity", "error") == "error"]
-        for p in problems:
-            logger.warning("check_dataset: %s", p)
-        if errors:
-            msg = "\n  ".join(str(p) for p in errors)
-            raise BundleInputError(f"dataset integrity check failed ({len(errors)} problems); fix the data first:\n  {msg}")
+        run_check_dataset(splits_file)
     if cache_rate > 0:
         from pipelines.data import estimate_cache
 
@@ -678,3 +715,25 @@ class AllReduceGradients:
             if p.grad is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad /= world
+
+
+def volumes_per_batch(batch_size: int, samples_per_volume: int) -> int:
+    """DataLoader batch size in VOLUMES for a training batch of ``batch_size`` slices/patches.
+
+    Each cached volume yields ``samples_per_volume`` crops that MONAI's ``list_data_collate`` flattens into the batch,
+    so a loader batch of ``v`` volumes trains on ``v * samples_per_volume`` crops. The result is
+    ``max(1, batch_size // samples_per_volume)``; a batch that is not a multiple is rounded down (logged), and
+    ``samples_per_volume > batch_size`` gives batches of ``samples_per_volume`` crops.
+
+    Raises:
+        ValueError: non-positive values.
+    """
+    if int(batch_size) < 1 or int(samples_per_volume) < 1:
+        raise ValueError(f"batch_size and samples_per_volume must be >= 1, got {batch_size} and {samples_per_volume}.")
+    v = max(1, int(batch_size) // int(samples_per_volume))
+    if v * int(samples_per_volume) != int(batch_size):
+        logger.warning(
+            "batch_size %d is not a multiple of samples_per_volume %d: training batches hold %d crops",
+            batch_size, samples_per_volume, v * int(samples_per_volume),
+        )  # fmt: skip
+    return v

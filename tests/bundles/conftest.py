@@ -19,7 +19,6 @@ TINY = [
     "--num_workers", "0",
     "--epochs", "1",
     "--sw_batch_size", "32",
-    "--check_data", "false",  # TEMP until check_dataset lands
 ]  # fmt: skip
 TINY_WIDTHS = {
     "unetpp_teacher": "{'features': [4, 8, 16, 32]}",

@@ -72,7 +72,7 @@ def test_3d_variant_by_one_override(cohort, tmp_path):
 def test_evaluate_matches_numpy(teacher_run, cohort):
     run_bundle(
         "evaluating", "bundles/unetpp_teacher/configs/evaluate.yaml",
-        "--dataset_dir", str(cohort), "--output_dir", str(teacher_run), "--save_predictions", "true", "--check_data", "false",  # TEMP
+        "--dataset_dir", str(cohort), "--output_dir", str(teacher_run), "--save_predictions", "true",
     )  # fmt: skip
     ev = teacher_run / "eval"
     with open(ev / "cases.csv") as f:
