@@ -22,7 +22,7 @@ from monai.transforms import MapTransform
 
 from pipelines.metrics import case_id, voxel_volume_ml, write_csv_atomic
 
-__all__ = ["NIFTI_SUFFIXES", "discover_inputs", "output_path", "WriteLabelMapd", "VolumesCsvWriter", "VOLUME_COLUMNS"]
+__all__ = ["NIFTI_SUFFIXES", "discover_inputs", "convert_dicom", "output_path", "WriteLabelMapd", "VolumesCsvWriter", "VOLUME_COLUMNS"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +82,11 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
         )
         dicom_dirs = sorted({p.parent for p in src.rglob("*") if p.is_file() and not _is_nifti(p) and _looks_dicom(p)})
         if dicom_dirs:
-            from pipelines import dicom_to_nifti
-
             conv = out / ".dicom_nifti"
             for d in dicom_dirs:
                 rel = d.relative_to(src)
                 target = conv / ("_".join(rel.parts) if rel.parts else src.name)
-                written = dicom_to_nifti.convert(d, target)
-                images.extend(Path(w) for w in (written if isinstance(written, (list, tuple)) else [written]))
+                images.extend(convert_dicom(d, target))
     if not images:
         raise ValueError(f"no NIfTI volume (.nii/.nii.gz) and no DICOM series found in {src}.")
     inputs = {p.resolve() for p in images}
@@ -103,6 +100,45 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
             raise ValueError(f"inputs {seen[name]} and {p} would both be written to {target}; segment them separately.")
         seen[name] = p
     return [{"image": str(p)} for p in images]
+
+
+def convert_dicom(series_dir: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
+    """Convert the DICOM series of a folder to NIfTI with ``python -m pipelines.dicom_to_nifti SRC OUT`` (in process).
+
+    Args:
+        series_dir: folder holding the DICOM files (any file names).
+        target: output folder (one NIfTI per series).
+
+    Returns:
+        the NIfTI files written.
+
+    Raises:
+        ValueError: the converter is missing or reports an error (its messages are included).
+    """
+    import contextlib
+    import importlib.util
+    import io
+
+    if importlib.util.find_spec("pipelines.dicom_to_nifti") is None:
+        raise ValueError(f"{series_dir} holds DICOM files but pipelines.dicom_to_nifti is not available; convert to NIfTI first.")
+    from pipelines import dicom_to_nifti
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    code: Any = 0
+    with contextlib.redirect_stdout(buf):
+        try:
+            ret = dicom_to_nifti.main([str(series_dir), str(target)])
+            code = ret if isinstance(ret, int) else 0
+        except SystemExit as e:
+            code = e.code
+    if code not in (0, None):
+        raise ValueError(f"DICOM conversion of {series_dir} failed: {buf.getvalue().strip() or code}")
+    written = sorted(p for p in target.rglob("*") if _is_nifti(p))
+    if not written:
+        raise ValueError(f"DICOM conversion of {series_dir} wrote no NIfTI file.")
+    return written
 
 
 class WriteLabelMapd(MapTransform):

@@ -57,6 +57,13 @@ def test_train_role_one_epoch(role, cohort, teacher_run, tmp_path):
         assert ck["settings"]["kd_method"] == ("hlfd" if role == "hlfd" else "skd")
     if role == "hlfd":
         assert any(k.startswith("method.connectors") for k in ck["distiller"]), "HLFD's 1x1 heads are checkpointed"
+        con = sqlite3.connect(tmp_path / "mlruns.db")
+        metrics = {k for (k,) in con.execute("select distinct key from metrics")}
+        params = dict(con.execute("select key, value from params").fetchall())
+        con.close()
+        assert {"kd_ufd", "kd_ifd", "kd_upd", "kd_ipd", "kd_total", "loss_seg", "train_loss", "dsc_tumor"} <= metrics
+        assert params["method"] == "hlfd" and params["beta"] == "0.9" and params["lambda"] == "0.1"
+        assert params["T"] == "4.0" and params["p"] == "4"
 
 
 def test_3d_variant_by_one_override(cohort, tmp_path):
@@ -189,3 +196,46 @@ def test_dataset_dir_without_data_stops(tmp_path):
         "--output_dir", str(tmp_path / "out"), *TINY, expect_ok=False,
     )  # fmt: skip
     assert proc.returncode != 0 and "holds no dataset" in proc.stdout + proc.stderr
+
+
+def test_inference_on_a_dicom_series(teacher_run, shared_data, tmp_path):
+    pytest.importorskip("pipelines.dicom_to_nifti")
+    series = shared_data / "ct" / "totalsegmentator_example" / "example_ct_dicom"
+    if not series.is_dir():
+        pytest.skip(f"{series} not found")
+    src = tmp_path / "dicom_in"
+    shutil.copytree(series, src / "patient_a")
+    out = tmp_path / "out"
+    run_bundle(
+        "inferring", "bundles/unetpp_teacher/configs/inference.yaml",
+        "--input_dir", str(src), "--output_dir", str(out), "--checkpoint", str(teacher_run / "checkpoints" / "best.pt"),
+    )  # fmt: skip
+    written = sorted(p for p in out.glob("*.nii.gz"))
+    assert len(written) == 1
+    ref = nib.load(str(shared_data / "ct" / "totalsegmentator_example" / "example_seg_dicom.nii.gz"))
+    seg = nib.load(str(written[0]))
+    assert seg.shape == ref.shape == (512, 512, 20)
+    assert np.allclose(seg.affine, ref.affine, atol=1e-3)
+    with open(out / "volumes.csv") as f:
+        assert len(list(csv.DictReader(f))) == 1
+
+
+def test_multi_gpu_overlay_on_cpu_gloo(cohort, teacher_run, tmp_path):
+    """The DDP overlay, one process on the gloo backend (no GPU here): DistributedSampler, rank-0 outputs."""
+    import subprocess
+    import sys
+
+    from tests.bundles.conftest import REPO
+
+    cfg = "['bundles/hlfd/configs/train.yaml','bundles/hlfd/configs/multi_gpu_train.yaml']"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "1",
+        "-m", "monai.bundle", "run", "training", "--config_file", cfg, "--dataset_dir", str(cohort),
+        "--output_dir", str(tmp_path), "--teacher_ckpt", str(teacher_run / "checkpoints" / "best.pt"),
+        "--network_kwargs", TINY_WIDTHS["hlfd"], *TINY,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ck = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert ck["epoch"] == 1 and not any(k.startswith("module.") for k in ck["model"]), "weights saved unwrapped"
+    assert (tmp_path / "mlruns.db").is_file()
