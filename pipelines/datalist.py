@@ -1,0 +1,398 @@
+"""Find the cases of a CT dataset in any common layout and write deterministic train/val/test splits.
+
+Layouts: KiTS19 (``case_XXXXX/imaging.nii.gz`` + ``segmentation.nii.gz``), LiTS (``volume-N.nii`` +
+``segmentation-N.nii``, ``test-volume-N.nii`` unlabelled, any sub-folders), nnU-Net v2 (``imagesTr/<case>_0000.nii.gz``
++ ``labelsTr/<case>.nii.gz`` + ``dataset.json``), MSD (``dataset.json`` listing ``training``/``test``) and a CSV file
+with ``image,label`` columns (optional ``split`` column; relative paths are relative to the CSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "LAYOUTS",
+    "PRESETS",
+    "SPLITS",
+    "detect_layout",
+    "read_declared_labels",
+    "find_cases",
+    "make_splits",
+    "write_datalist",
+    "load_split",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS: tuple[str, ...] = ("kits19", "lits", "nnunet", "msd", "csv")
+SPLITS: tuple[str, ...] = ("training", "validation", "test")
+#: Paper splits (HLFD, ISBI 2024, Sec. 3): KiTS 210 cases -> 168 train : 42 test; LiTS 201 -> 131 labelled : 70 test.
+PRESETS: dict[str, dict[str, int]] = {"kits19": {"train": 168, "test": 42}, "lits": {"train": 131, "test": 70}}
+
+_NII = r"\.nii(?:\.gz)?$"
+_KITS_CASE = re.compile(r"^case_(\d+)$")
+_LITS_VOLUME = re.compile(r"^volume-(\d+)" + _NII)
+_LITS_TEST = re.compile(r"^test-volume-(\d+)" + _NII)
+_NNUNET_IMAGE = re.compile(r"^(.+)_0000" + _NII)
+
+
+def _nii_in(folder: Path, stem: str) -> Path | None:
+    for suffix in (".nii.gz", ".nii"):
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def detect_layout(source: str | Path) -> str:
+    """Name the layout of ``source`` (a folder, or a CSV file).
+
+    Returns:
+        One of :data:`LAYOUTS`.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: no known layout found (the message lists what was looked for).
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    if source.is_file():
+        if source.suffix.lower() == ".csv":
+            return "csv"
+        raise ValueError(f"{source} is a file but not a .csv; give a dataset folder or a CSV with image,label columns")
+    if (source / "imagesTr").is_dir():
+        dataset_json = source / "dataset.json"
+        if dataset_json.exists() and isinstance(json.loads(dataset_json.read_text()).get("training"), list):
+            return "msd"
+        return "nnunet"
+    if any(_KITS_CASE.match(p.name) and p.is_dir() for p in source.iterdir()):
+        return "kits19"
+    if any(_LITS_VOLUME.match(p.name) or _LITS_TEST.match(p.name) for p in source.rglob("*volume-*")):
+        return "lits"
+    csvs = sorted(source.glob("*.csv"))
+    if len(csvs) == 1:
+        return "csv"
+    raise ValueError(
+        f"{source}: unknown dataset layout; expected KiTS19 case_XXXXX/imaging.nii.gz folders, LiTS volume-N.nii files, "
+        "imagesTr/labelsTr with dataset.json (nnU-Net/MSD), or a CSV with image,label columns"
+    )
+
+
+def read_declared_labels(source: str | Path) -> dict[str, int] | None:
+    """Label values declared in ``dataset.json`` beside the data (nnU-Net v2 ``{name: value}`` or MSD ``{value: name}``).
+
+    Returns:
+        ``{name: value}``, or None when there is no dataset.json with labels.
+    """
+    source = Path(source)
+    path = source / "dataset.json" if source.is_dir() else source.parent / "dataset.json"
+    if not path.exists():
+        return None
+    labels = json.loads(path.read_text()).get("labels")
+    if not isinstance(labels, dict) or not labels:
+        return None
+    first_key = next(iter(labels))
+    if str(first_key).lstrip("-").isdigit():  # MSD: {"0": "background", ...}
+        return {str(name): int(value) for value, name in labels.items()}
+    out = {}
+    for name, value in labels.items():  # nnU-Net v2 regions ([1, 2]) count by their values
+        for v in value if isinstance(value, list) else [value]:
+            out[f"{name}" if not isinstance(value, list) else f"{name}:{v}"] = int(v)
+    return out
+
+
+def _listed_in_dataset_json(source: Path) -> set[str] | None:
+    """Relative image paths a dataset.json declares as labelled training cases (authoritative when present)."""
+    path = source / "dataset.json"
+    if not path.exists():
+        return None
+    training = json.loads(path.read_text()).get("training")
+    if not isinstance(training, list):
+        return None
+    return {Path(str(t["image"])).as_posix().removeprefix("./") for t in training if isinstance(t, dict) and "image" in t}
+
+
+def _case(image: Path, label: Path | None, case: str, labelled: bool) -> dict[str, Any]:
+    return {"image": str(image.resolve()), "label": str(label.resolve()) if label else None, "case": case, "labelled": labelled}
+
+
+def find_cases(source: str | Path) -> tuple[str, list[dict[str, Any]]]:
+    """List every case of a dataset, whatever its layout.
+
+    Each case is ``{"image": abs path, "label": abs path or None, "case": id, "labelled": bool}``. ``labelled`` says a
+    label is EXPECTED (training case); the label file may still be missing, which :mod:`pipelines.check_dataset`
+    reports. A KiTS19 case folder without ``segmentation.nii.gz`` is an unlabelled test case unless ``dataset.json``
+    lists it for training.
+
+    Args:
+        source: dataset folder or CSV file.
+
+    Returns:
+        ``(layout, cases)`` with cases sorted by id (numeric ids numerically).
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`detect_layout`; also a CSV without an ``image`` column.
+    """
+    source = Path(source)
+    layout = detect_layout(source)
+    cases: list[dict[str, Any]] = []
+    if layout == "kits19":
+        listed = _listed_in_dataset_json(source)
+        for folder in sorted(p for p in source.iterdir() if p.is_dir() and _KITS_CASE.match(p.name)):
+            image = _nii_in(folder, "imaging") or folder / "imaging.nii.gz"
+            label = _nii_in(folder, "segmentation")
+            expected = label is not None or (listed is not None and image.relative_to(source).as_posix() in listed)
+            cases.append(_case(image, label or folder / "segmentation.nii.gz", folder.name, expected))
+    elif layout == "lits":
+        for path in sorted(source.rglob("*volume-*")):
+            if path.name.startswith("."):
+                continue
+            match = _LITS_VOLUME.match(path.name)
+            if match:
+                suffix = path.name[len(f"volume-{match.group(1)}") :]
+                label = path.with_name(f"segmentation-{match.group(1)}{suffix}")
+                cases.append(_case(path, label, f"volume-{match.group(1)}", True))
+            elif _LITS_TEST.match(path.name):
+                cases.append(_case(path, None, path.name.split(".")[0], False))
+    elif layout == "msd":
+        meta = json.loads((source / "dataset.json").read_text())
+        for item in meta.get("training", []):
+            image = source / str(item["image"]).removeprefix("./")
+            label = source / str(item["label"]).removeprefix("./")
+            cases.append(_case(image, label, image.name.split(".")[0], True))
+        for item in meta.get("test", []):
+            image = source / str(item["image"] if isinstance(item, dict) else item).removeprefix("./")
+            cases.append(_case(image, None, image.name.split(".")[0], False))
+    elif layout == "nnunet":
+        for folder, labelled in (("imagesTr", True), ("imagesTs", False)):
+            for image in sorted((source / folder).glob("*_0000.nii*")) if (source / folder).is_dir() else []:
+                match = _NNUNET_IMAGE.match(image.name)
+                if not match or image.name.startswith("."):
+                    continue
+                suffix = image.name[len(match.group(1)) + len("_0000") :]
+                label = source / "labelsTr" / f"{match.group(1)}{suffix}" if labelled else None
+                cases.append(_case(image, label, match.group(1), labelled))
+    else:
+        csv_path = source if source.is_file() else sorted(source.glob("*.csv"))[0]
+        with csv_path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or "image" not in reader.fieldnames:
+                raise ValueError(f"{csv_path}: CSV needs an 'image' column (and 'label'), found {reader.fieldnames}")
+            for row_number, row in enumerate(reader, start=2):
+                image = Path(row["image"].strip())
+                image = image if image.is_absolute() else csv_path.parent / image
+                raw_label = (row.get("label") or "").strip()
+                label = None
+                if raw_label:
+                    label = Path(raw_label) if Path(raw_label).is_absolute() else csv_path.parent / raw_label
+                entry = _case(image, label, row.get("case") or f"row{row_number}", label is not None)
+                if (row.get("split") or "").strip():
+                    entry["split"] = row["split"].strip()
+                cases.append(entry)
+
+    def sort_key(c: dict[str, Any]) -> tuple:
+        digits = re.findall(r"\d+", c["case"])
+        return (int(digits[-1]) if digits else -1, c["case"])
+
+    if layout != "csv":
+        cases.sort(key=sort_key)
+    return layout, cases
+
+
+def _entry(case: dict[str, Any], with_label: bool = True) -> dict[str, Any]:
+    entry = {"image": case["image"], "case": case["case"]}
+    if with_label and case.get("label"):
+        entry["label"] = case["label"]
+    if "fold" in case:
+        entry["fold"] = case["fold"]
+    return entry
+
+
+def make_splits(
+    cases: Sequence[dict[str, Any]],
+    *,
+    val_fraction: float | None = 0.2,
+    folds: int | None = None,
+    fold: int = 0,
+    preset: str | None = None,
+    seed: int = 0,
+) -> dict[str, list[dict[str, Any]]]:
+    """Deterministic train/val/test lists.
+
+    Unlabelled cases always go to ``test``. With a ``preset`` a test set is held out from the labelled cases first:
+    ``kits19`` 42 of 210 (the paper's 168:42), ``lits`` the unlabelled ``test-volume`` files when present (131:70)
+    or else 70/201 of the labelled ones; with another number of cases the same proportion is used (logged). The
+    remaining labelled cases are split into training/validation by ``val_fraction`` or into ``folds`` (every entry
+    gets a ``fold``; ``validation`` is fold ``fold``). A CSV ``split`` column, when present, wins.
+
+    Args:
+        cases: from :func:`find_cases`.
+        val_fraction: share of the labelled (non-test) cases used for validation, in [0, 1).
+        folds: K-fold cross-validation instead of ``val_fraction`` (K >= 2).
+        fold: which fold is ``validation``.
+        preset: None, ``"kits19"`` or ``"lits"``.
+        seed: shuffling seed.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...]}`` of ``{"image", "label", "case"[, "fold"]}``.
+
+    Raises:
+        ValueError: unknown preset, both or bad ``val_fraction``/``folds``, ``fold`` out of range, more folds than
+            cases, or no labelled case.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} or None, got {preset!r}")
+    if folds is not None:
+        if int(folds) < 2:
+            raise ValueError(f"folds must be >= 2, got {folds}")
+        if not 0 <= int(fold) < int(folds):
+            raise ValueError(f"fold must be within [0, {folds}), got {fold}")
+    elif val_fraction is None or not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be within [0, 1), got {val_fraction}")
+    rng = np.random.default_rng(int(seed))
+    fixed = {name: [] for name in SPLITS}
+    pool = []
+    for case in cases:
+        split = case.get("split")
+        if split in ("train", "training", "val", "validation", "test"):
+            name = {"train": "training", "val": "validation"}.get(split, split)
+            fixed[name].append(_entry(case, name != "test" or case["labelled"]))
+        elif not case["labelled"]:
+            fixed["test"].append(_entry(case, False))
+        else:
+            pool.append(case)
+    if not pool and not fixed["training"]:
+        raise ValueError("no labelled case found: nothing to train on")
+    order = [pool[i] for i in rng.permutation(len(pool))]
+    test: list[dict[str, Any]] = []
+    if preset is not None:
+        spec = PRESETS[preset]
+        if preset == "lits" and fixed["test"]:
+            n_test = 0
+        elif len(pool) == spec["train"] + spec["test"]:
+            n_test = spec["test"]
+        else:
+            n_test = int(round(len(pool) * spec["test"] / (spec["train"] + spec["test"])))
+            logger.info("preset %s with %d labelled cases: holding out %d for test (paper proportion)", preset, len(pool), n_test)
+        n_test = min(n_test, max(0, len(order) - 1))
+        test, order = order[:n_test], order[n_test:]
+    if folds is not None:
+        if int(folds) > len(order):
+            raise ValueError(f"folds={folds} but only {len(order)} labelled cases remain for cross-validation")
+        for index, case in enumerate(order):
+            case = dict(case, fold=index % int(folds))
+            order[index] = case
+        validation = [c for c in order if c["fold"] == fold]
+        training = [c for c in order if c["fold"] != fold]
+    else:
+        n_val = int(round(len(order) * float(val_fraction)))
+        if val_fraction > 0 and len(order) >= 2:
+            n_val = min(max(1, n_val), len(order) - 1)
+        validation, training = order[:n_val], order[n_val:]
+
+    def by_case(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return sorted(entries, key=lambda e: e["case"])
+
+    return {
+        "training": fixed["training"] + by_case([_entry(c) for c in training]),
+        "validation": fixed["validation"] + by_case([_entry(c) for c in validation]),
+        "test": fixed["test"] + by_case([_entry(c) for c in test]),
+    }
+
+
+def write_datalist(
+    source: str | Path,
+    out: str | Path,
+    *,
+    val_fraction: float | None = 0.2,
+    folds: int | None = None,
+    fold: int = 0,
+    preset: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Detect the layout of ``source``, split it (:func:`make_splits`) and write ``out`` (JSON, atomically).
+
+    The file holds ``training``, ``validation``, ``test`` (absolute paths) and ``meta`` (layout, source, seed, split
+    options, declared labels, counts). Nothing in ``source`` is modified.
+
+    Returns:
+        The written dict.
+
+    Raises:
+        see :func:`find_cases` and :func:`make_splits`; ValueError when ``out`` is inside a file path.
+    """
+    source = Path(source)
+    layout, cases = find_cases(source)
+    splits = make_splits(cases, val_fraction=val_fraction, folds=folds, fold=fold, preset=preset, seed=seed)
+    result: dict[str, Any] = dict(splits)
+    result["meta"] = {
+        "created_by": "pipelines.datalist",
+        "layout": layout,
+        "source": str(source.resolve()),
+        "preset": preset,
+        "seed": int(seed),
+        "val_fraction": None if folds is not None else val_fraction,
+        "folds": folds,
+        "fold": fold if folds is not None else None,
+        "labels": read_declared_labels(source),
+        "counts": {name: len(splits[name]) for name in SPLITS},
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    return result
+
+
+def load_split(splits_file: str | Path, split: str = "training") -> list[dict[str, Any]]:
+    """Read one split of a splits file, as a datalist for ``build_dataset``.
+
+    Raises:
+        ValueError: unknown split name, or a file without it.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    data = json.loads(Path(splits_file).read_text())
+    if split not in data:
+        raise ValueError(f"{splits_file} has no {split!r} list (found {sorted(data)})")
+    return list(data[split])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: ``python -m pipelines.datalist DIR --out splits.json [--val-fraction F | --folds K] [--preset P] --seed K``."""
+    parser = argparse.ArgumentParser(prog="ctdistill-datalist", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="dataset folder (KiTS19, LiTS, nnU-Net, MSD) or CSV file")
+    parser.add_argument("--out", required=True, help="splits JSON to write")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--val-fraction", type=float, default=None, help="validation share of the labelled cases (0.2)")
+    group.add_argument("--folds", type=int, default=None, help="K-fold cross-validation instead")
+    parser.add_argument("--fold", type=int, default=0, help="with --folds: the fold used as validation")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="paper splits: kits19 168/42, lits 131/70")
+    parser.add_argument("--seed", type=int, default=0, help="shuffling seed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    val_fraction = 0.2 if args.val_fraction is None and args.folds is None else args.val_fraction
+    try:
+        result = write_datalist(
+            args.source, args.out, val_fraction=val_fraction, folds=args.folds, fold=args.fold, preset=args.preset, seed=args.seed
+        )
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    counts = result["meta"]["counts"]
+    print(f"{result['meta']['layout']} layout: {counts['training']} training, {counts['validation']} validation, {counts['test']} test -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
