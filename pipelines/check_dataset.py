@@ -1,0 +1,350 @@
+"""Integrity check of a CT segmentation dataset before any training (the spirit of nnU-Net's
+``verify_dataset_integrity``): every problem of every case is reported, nothing is modified.
+
+Checks per case: image and label exist and load as 3D volumes; same shape and same affine (within ``1e-3``);
+label values within the declared labels (``--labels``, else ``dataset.json`` ``labels``, else ``{0, 1, 2}``);
+no NaN or inf in the image; a plausible CT range (some voxel below -500 HU, else an ERROR: not Hounsfield units;
+some voxel above 200 HU, else a WARNING); each training label has foreground (WARNING); the same file listed
+twice (ERROR) or identical voxel data under two names (WARNING). Orientations (axcodes) are reported as INFO lines.
+
+Usage: ``python -m pipelines.check_dataset DIR|splits.json [--labels 0 1 2]``; exit 0 when there is no ERROR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from pipelines.datalist import SPLITS, find_cases, read_declared_labels
+
+__all__ = ["SEVERITIES", "DEFAULT_LABELS", "CT_MIN_BELOW", "CT_MAX_ABOVE", "Problem", "check_dataset", "main"]
+
+logger = logging.getLogger(__name__)
+
+SEVERITIES: tuple[str, ...] = ("error", "warning", "info")
+DEFAULT_LABELS: tuple[int, ...] = (0, 1, 2)
+#: A CT volume holds air or fat below this (HU); otherwise the intensities are not Hounsfield units.
+CT_MIN_BELOW = -500.0
+#: A CT volume holds bone or contrast above this (HU).
+CT_MAX_ABOVE = 200.0
+_AFFINE_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of :func:`check_dataset`.
+
+    Attributes:
+        severity: ``"error"`` (the dataset must be fixed), ``"warning"`` (suspicious) or ``"info"`` (report only).
+        file: the file concerned (or the dataset source for dataset-wide findings).
+        message: what is wrong and, where possible, what to do.
+    """
+
+    severity: str
+    file: str
+    message: str
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper()} {self.file}: {self.message}"
+
+
+@dataclass
+class _Case:
+    image: Path
+    label: Path | None
+    label_expected: bool
+    split: str
+    case: str
+
+
+def _entries_from_json(path: Path) -> tuple[list[_Case], dict[str, Any] | None]:
+    """Cases of a splits file (``pipelines.datalist``) or an MSD ``dataset.json``; relative paths are relative to it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read it as JSON ({err})") from err
+    if not isinstance(data, dict) or not any(isinstance(data.get(s), list) for s in SPLITS):
+        raise ValueError(f"{path}: expected a splits file with {list(SPLITS)} lists (python -m pipelines.datalist)")
+    cases: list[_Case] = []
+
+    def resolve(value: Any) -> Path:
+        p = Path(str(value).removeprefix("./"))
+        return p if p.is_absolute() else path.parent / p
+
+    for split in SPLITS:
+        for index, entry in enumerate(data.get(split) or []):
+            item = entry if isinstance(entry, dict) else {"image": entry}
+            if "image" not in item:
+                raise ValueError(f"{path}: {split}[{index}] has no 'image' key: {item}")
+            image = resolve(item["image"])
+            label = resolve(item["label"]) if item.get("label") else None
+            case = str(item.get("case") or image.name.split(".")[0])
+            cases.append(_Case(image, label, split in ("training", "validation"), split, case))
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else None
+    if labels is None and isinstance(data.get("labels"), dict):  # an MSD / nnU-Net dataset.json given directly
+        labels = read_declared_labels(path)
+    return cases, labels
+
+
+def _collect(source: Path) -> tuple[list[_Case], dict[str, Any] | None, list[Problem]]:
+    if source.is_file() and source.suffix.lower() == ".json":
+        cases, labels = _entries_from_json(source)
+        return cases, labels, []
+    layout, found = find_cases(source)
+    cases = [
+        _Case(
+            Path(c["image"]),
+            Path(c["label"]) if c.get("label") else None,
+            bool(c["labelled"]),
+            "training" if c["labelled"] else "test",
+            c["case"],
+        )
+        for c in found
+    ]
+    notes: list[Problem] = []
+    unlabelled = [c.case for c in cases if not c.label_expected]
+    if unlabelled:
+        shown = ", ".join(unlabelled[:5]) + (", ..." if len(unlabelled) > 5 else "")
+        notes.append(
+            Problem(
+                "info",
+                str(source),
+                f"{len(unlabelled)} case(s) without a label, checked as unlabelled test cases: {shown}",
+            )
+        )
+    return cases, read_declared_labels(source), notes
+
+
+def _load(path: Path, what: str, problems: list[Problem]) -> nib.spatialimages.SpatialImage | None:
+    if not path.exists():
+        problems.append(Problem("error", str(path), f"{what} file is missing"))
+        return None
+    try:
+        image = nib.load(str(path))
+    except Exception as err:  # noqa: BLE001 - any reader failure is reported, the check goes on
+        problems.append(Problem("error", str(path), f"{what} cannot be read ({type(err).__name__}: {err})"))
+        return None
+    shape = image.shape
+    if len(shape) < 3 or any(int(s) != 1 for s in shape[3:]):
+        problems.append(Problem("error", str(path), f"{what} is not a 3D volume (shape {tuple(shape)})"))
+        return None
+    return image
+
+
+def _voxels(image: nib.spatialimages.SpatialImage, path: Path, what: str, problems: list[Problem]) -> np.ndarray | None:
+    """The stored voxels (scaled by the header's slope/intercept only when they are not 1/0), read once."""
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as err:  # noqa: BLE001 - truncated/corrupt data is reported, the check goes on
+        problems.append(Problem("error", str(path), f"{what} voxel data cannot be read ({type(err).__name__}: {err})"))
+        return None
+    return data.reshape(data.shape[:3])
+
+
+def _fingerprint(data: np.ndarray, affine: np.ndarray) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str((data.shape, data.dtype.str)).encode())
+    digest.update(np.ascontiguousarray(data).data)
+    digest.update(np.round(affine, 3).tobytes())
+    return digest.hexdigest()
+
+
+def _check_image(path: Path, data: np.ndarray, problems: list[Problem]) -> None:
+    if np.issubdtype(data.dtype, np.floating):
+        finite = np.isfinite(data)
+        n_bad = int(data.size - np.count_nonzero(finite))
+        if n_bad:
+            n_nan = int(np.count_nonzero(np.isnan(data)))
+            problems.append(Problem("error", str(path), f"image has {n_nan} NaN and {n_bad - n_nan} inf voxels"))
+            if not finite.any():
+                return
+            data = data[finite]
+    lo, hi = float(data.min()), float(data.max())
+    if lo >= CT_MIN_BELOW:
+        problems.append(
+            Problem(
+                "error",
+                str(path),
+                f"intensities {lo:g}..{hi:g}: nothing below {CT_MIN_BELOW:g} HU (air/fat), so not Hounsfield units "
+                "(rescale slope/intercept not applied, already normalised, or not a CT); give raw HU volumes",
+            )
+        )
+    elif hi <= CT_MAX_ABOVE:
+        problems.append(
+            Problem(
+                "warning",
+                str(path),
+                f"intensities {lo:g}..{hi:g}: nothing above {CT_MAX_ABOVE:g} HU (no bone or contrast): check it is a CT",
+            )
+        )
+
+
+def _check_label(path: Path, data: np.ndarray, declared: set[int], training: bool, problems: list[Problem]) -> None:
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.isfinite(data).all():
+            problems.append(Problem("error", str(path), "label has NaN or inf voxels"))
+            return
+        if not np.array_equal(data, np.round(data)):
+            problems.append(
+                Problem("error", str(path), "label has non-integer values (resampled with linear interpolation?)")
+            )
+            return
+    if np.issubdtype(data.dtype, np.integer) and data.size and int(data.min()) >= 0 and int(data.max()) < 1 << 16:
+        counts = np.bincount(data.ravel().astype(np.intp, copy=False))
+        values = {int(v) for v in np.flatnonzero(counts)}
+    else:
+        values = {int(v) for v in np.unique(data)}
+    unexpected = sorted(values - declared)
+    if unexpected:
+        problems.append(
+            Problem("error", str(path), f"label values {unexpected} are not declared labels {sorted(declared)}")
+        )
+    if training and not any(v != 0 for v in values):
+        problems.append(Problem("warning", str(path), "training label has no foreground (only background)"))
+
+
+def _same_geometry(
+    image: nib.spatialimages.SpatialImage,
+    label: nib.spatialimages.SpatialImage,
+    label_path: Path,
+    problems: list[Problem],
+) -> None:
+    ishape, lshape = tuple(image.shape[:3]), tuple(label.shape[:3])
+    if ishape != lshape:
+        problems.append(Problem("error", str(label_path), f"label shape {lshape} differs from image shape {ishape}"))
+    if not np.allclose(label.affine, image.affine, rtol=_AFFINE_TOL, atol=_AFFINE_TOL):
+        diff = float(np.abs(np.asarray(label.affine) - np.asarray(image.affine)).max())
+        problems.append(
+            Problem(
+                "error", str(label_path), f"label affine differs from the image affine (max abs difference {diff:.4g})"
+            )
+        )
+
+
+def check_dataset(source: str | Path, labels: Iterable[int] | None = None) -> list[Problem]:
+    """Check every case of a dataset folder (any :mod:`pipelines.datalist` layout) or of a splits JSON file.
+
+    Each file is read once (header, then voxels); nothing is written. All problems are collected, none stops the
+    check early.
+
+    Args:
+        source: dataset folder (KiTS19, LiTS, nnU-Net, MSD, CSV) or a splits file from ``pipelines.datalist``.
+        labels: the declared label values; None: from ``dataset.json``/the splits file's meta, else ``{0, 1, 2}``.
+
+    Returns:
+        Problems in case order (errors, warnings), then dataset-wide findings (duplicates, orientation info).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: an unknown layout or an unreadable splits file (see :func:`pipelines.datalist.detect_layout`).
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist; give a dataset folder or a splits JSON file")
+    cases, declared_map, problems = _collect(source)
+    if labels is not None:
+        declared = {int(v) for v in labels}
+    elif declared_map:
+        declared = {int(v) for v in declared_map.values()}
+    else:
+        declared = set(DEFAULT_LABELS)
+    if not cases:
+        problems.append(Problem("error", str(source), "no case found"))
+        return problems
+
+    seen_paths: dict[Path, str] = {}
+    fingerprints: dict[str, Path] = {}
+    axcodes: dict[str, list[str]] = defaultdict(list)
+    for case in cases:
+        where = f"{case.split} case {case.case}"
+        for path in (case.image, case.label):
+            if path is None:
+                continue
+            key = path.resolve()
+            if key in seen_paths:
+                problems.append(Problem("error", str(path), f"listed twice: in {seen_paths[key]} and {where}"))
+            else:
+                seen_paths[key] = where
+        image = _load(case.image, "image", problems)
+        if case.label_expected and case.label is None:
+            problems.append(Problem("error", str(case.image), f"{case.split} entry has no label"))
+        label = _load(case.label, "label", problems) if case.label is not None else None
+        if image is not None:
+            axcodes["".join(str(c) for c in nib.aff2axcodes(image.affine))].append(str(case.image))
+            if label is not None:
+                _same_geometry(image, label, case.label, problems)
+            data = _voxels(image, case.image, "image", problems)
+            if data is not None:
+                _check_image(case.image, data, problems)
+                fingerprint = _fingerprint(data, np.asarray(image.affine))
+                if fingerprint in fingerprints:
+                    problems.append(
+                        Problem(
+                            "warning",
+                            str(case.image),
+                            f"duplicate case: same voxels and affine as {fingerprints[fingerprint]}",
+                        )
+                    )
+                else:
+                    fingerprints[fingerprint] = case.image
+                del data
+        if label is not None:
+            data = _voxels(label, case.label, "label", problems)
+            if data is not None:
+                _check_label(case.label, data, declared, case.split == "training", problems)
+    for codes, files in sorted(axcodes.items(), key=lambda kv: -len(kv[1])):
+        note = " (axial axis first; transforms reorient to RAS)" if codes[0] in "SI" else ""
+        problems.append(
+            Problem(
+                "info",
+                files[0],
+                f"orientation {','.join(codes)} in {len(files)} of {sum(map(len, axcodes.values()))} images{note}",
+            )
+        )
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m pipelines.check_dataset DIR|splits.json [--labels 0 1 2]``.
+
+    Prints one line per problem (``ERROR <file>: <message>``) and a summary line.
+
+    Returns:
+        0 when there is no error (warnings alone pass), 1 otherwise, 2 for a bad source.
+    """
+    parser = argparse.ArgumentParser(prog="ctdistill-check-dataset", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="dataset folder (KiTS19, LiTS, nnU-Net, MSD, CSV) or splits JSON file")
+    parser.add_argument(
+        "--labels", type=int, nargs="+", default=None, help="declared label values (default: dataset.json, else 0 1 2)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        problems = check_dataset(args.source, labels=args.labels)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ERROR {args.source}: {err}")
+        return 2
+    for problem in problems:
+        print(problem)
+    counts = {s: sum(p.severity == s for p in problems) for s in SEVERITIES}
+    verdict = "FAILED" if counts["error"] else "OK"
+    print(f"{verdict}: {counts['error']} error(s), {counts['warning']} warning(s) in {args.source}")
+    return 1 if counts["error"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
