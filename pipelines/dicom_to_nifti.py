@@ -1,0 +1,348 @@
+"""DICOM CT series -> NIfTI (one file per SeriesInstanceUID), without any patient-identifying data.
+
+Every file below SRC is tried (names need no extension; non-DICOM files are skipped). Slices are grouped by
+SeriesInstanceUID and ordered by their position along the slice normal (the cross product of the
+ImageOrientationPatient row and column directions), never by file name. Voxels are Hounsfield units from
+RescaleSlope/RescaleIntercept (int16 when integral, else float32); compressed transfer syntaxes (JPEG 2000,
+JPEG-LS, RLE, ...) are decoded by pydicom's pixel handlers (pylibjpeg). The affine follows the dcm2niix convention:
+array axes (column, row flipped, slice), axial axis last, DICOM LPS converted to NIfTI RAS.
+
+Errors (nothing is written): gaps or uneven steps in slice positions (a step deviating more than 10 % from the
+median), duplicate positions, mixed orientations or matrix sizes within a series. Warning: Modality other than CT.
+Only geometry, the series number/description and a short hash of the series UID are used for outputs and logs.
+
+Usage: ``python -m pipelines.dicom_to_nifti SRC OUT [--series UID]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.data import save_nifti
+
+__all__ = ["GAP_TOLERANCE", "SeriesInfo", "DicomSeriesError", "scan_series", "series_affine", "convert_dicom", "main"]
+
+logger = logging.getLogger(__name__)
+
+#: Largest relative deviation of a slice step from the median step before it counts as a gap.
+GAP_TOLERANCE = 0.10
+_ORIENTATION_TOL = 1e-4
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class DicomSeriesError(ValueError):
+    """A series cannot be converted faithfully (gaps, mixed orientations, missing geometry); nothing was written."""
+
+
+@dataclass
+class _Slice:
+    path: Path
+    position: np.ndarray  # ImagePositionPatient (LPS, mm)
+    orientation: np.ndarray  # ImageOrientationPatient (6,)
+    spacing: tuple[float, float]  # PixelSpacing (row spacing, column spacing)
+    shape: tuple[int, int]  # (Rows, Columns)
+
+
+@dataclass
+class SeriesInfo:
+    """One DICOM series found by :func:`scan_series` (headers only, no pixel data).
+
+    Attributes:
+        uid: SeriesInstanceUID (empty when the files have none: then grouped by number/description/geometry).
+        number: SeriesNumber or None.
+        description: SeriesDescription ("" when absent).
+        modality: Modality ("" when absent).
+        slices: the image slices (unordered).
+    """
+
+    uid: str
+    number: int | None
+    description: str
+    modality: str
+    slices: list[_Slice]
+
+    @property
+    def short_id(self) -> str:
+        """8 hex characters of a hash of the UID: names outputs without exposing the UID itself."""
+        key = self.uid or f"{self.number}|{self.description}|{self.slices[0].shape if self.slices else ''}"
+        return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+    @property
+    def name(self) -> str:
+        """Output file stem: ``series<number>_<description>_<hash>`` sanitised to ``[A-Za-z0-9._-]``."""
+        parts = [f"series{self.number}" if self.number is not None else "series"]
+        description = re.sub(r"[^A-Za-z0-9.-]+", "_", self.description).strip("_.")[:40]
+        if description:
+            parts.append(description)
+        parts.append(self.short_id)
+        return "_".join(parts)
+
+
+def _header(path: Path):
+    """pydicom dataset without pixel data, or None for a file that is not a DICOM image."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as err:
+        logger.debug("skipping %s: not readable as DICOM (%s)", path, type(err).__name__)
+        return None
+    if "Rows" not in ds or "Columns" not in ds:
+        logger.debug("skipping %s: not a DICOM image (no Rows/Columns)", path)
+        return None
+    return ds
+
+
+def scan_series(src: str | Path, exclude: Path | None = None) -> list[SeriesInfo]:
+    """Group the DICOM image files below ``src`` by series, reading headers only.
+
+    Args:
+        src: folder (searched recursively; any file names) or a single DICOM file.
+        exclude: a folder below ``src`` not to search (the output folder).
+
+    Returns:
+        Series sorted by (number, description, hash).
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+    if exclude is not None:
+        exclude = exclude.resolve()
+        files = [p for p in files if exclude not in p.resolve().parents]
+    groups: dict[tuple, SeriesInfo] = {}
+    for path in files:
+        ds = _header(path)
+        if ds is None:
+            continue
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise DicomSeriesError(
+                f"{path}: multi-frame DICOM (enhanced CT) is not supported; export single-frame slices"
+            )
+        uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        number = ds.get("SeriesNumber")
+        number = int(number) if number not in (None, "") else None
+        description = str(ds.get("SeriesDescription", "") or "")
+        shape = (int(ds.Rows), int(ds.Columns))
+        key = (uid,) if uid else ("", number, description, shape)
+        series = groups.setdefault(key, SeriesInfo(uid, number, description, str(ds.get("Modality", "") or ""), []))
+        position, orientation, spacing = (
+            ds.get("ImagePositionPatient"),
+            ds.get("ImageOrientationPatient"),
+            ds.get("PixelSpacing"),
+        )
+        if position is None or orientation is None or spacing is None:
+            raise DicomSeriesError(
+                f"{path}: image without ImagePositionPatient/ImageOrientationPatient/PixelSpacing; cannot place it in space"
+            )
+        series.slices.append(
+            _Slice(
+                path,
+                np.array([float(v) for v in position], dtype=np.float64),
+                np.array([float(v) for v in orientation], dtype=np.float64),
+                (float(spacing[0]), float(spacing[1])),
+                shape,
+            )
+        )
+    return sorted(groups.values(), key=lambda s: (s.number if s.number is not None else -1, s.description, s.short_id))
+
+
+def _normal(orientation: np.ndarray) -> np.ndarray:
+    normal = np.cross(orientation[:3], orientation[3:])
+    return normal / np.linalg.norm(normal)
+
+
+def _validate(series: SeriesInfo) -> tuple[list[_Slice], list[str]]:
+    """Slices ordered along the normal, and every problem found (empty: convertible)."""
+    label = series.name
+    problems: list[str] = []
+    slices = series.slices
+    orientations = np.round(np.stack([s.orientation for s in slices]), 4)
+    distinct = {tuple(o) for o in orientations}
+    if len(distinct) > 1 and np.abs(orientations - orientations[0]).max() > _ORIENTATION_TOL:
+        counts = {o: int(np.all(orientations == o, axis=1).sum()) for o in distinct}
+        text = "; ".join(f"{list(o)} x{n}" for o, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        problems.append(
+            f"{label}: mixed ImageOrientationPatient within the series ({text}); convert one orientation at a time"
+        )
+        return slices, problems
+    shapes = {s.shape for s in slices}
+    if len(shapes) > 1:
+        problems.append(f"{label}: slices of different sizes (Rows, Columns) {sorted(shapes)}")
+    spacings = {tuple(np.round(s.spacing, 4)) for s in slices}
+    if len(spacings) > 1:
+        problems.append(f"{label}: slices with different PixelSpacing {sorted(spacings)}")
+    normal = _normal(slices[0].orientation)
+    along = np.array([float(s.position @ normal) for s in slices])
+    order = np.argsort(along, kind="stable")
+    slices = [slices[i] for i in order]
+    along = along[order]
+    if len(slices) >= 2:
+        steps = np.diff(along)
+        duplicates = [f"{along[i]:.3f}" for i in np.flatnonzero(steps < 1e-3)]
+        if duplicates:
+            problems.append(
+                f"{label}: {len(duplicates)} duplicate slice position(s) at {', '.join(duplicates[:10])} mm along the normal "
+                "(several acquisitions or echoes in one series?)"
+            )
+        else:
+            median = float(np.median(steps))
+            bad = np.flatnonzero(np.abs(steps - median) > GAP_TOLERANCE * median)
+            if bad.size:
+                where = ", ".join(f"{along[i]:.3f}->{along[i + 1]:.3f} ({steps[i]:.3f} mm)" for i in bad[:10])
+                problems.append(
+                    f"{label}: gap or uneven slice spacing: {bad.size} step(s) deviate more than {GAP_TOLERANCE:.0%} from "
+                    f"the median {median:.3f} mm: {where} (missing slices?)"
+                )
+    return slices, problems
+
+
+def series_affine(slices: Sequence[_Slice]) -> np.ndarray:
+    """NIfTI (RAS) affine of ordered slices for the array layout (column, row flipped, slice), as dcm2niix writes it.
+
+    The LPS position of pixel (row r, column c) of slice k is ``IPP_k + c * dc * row_dir + r * dr * col_dir``, with
+    (dr, dc) = PixelSpacing and row_dir/col_dir the two ImageOrientationPatient vectors; array index j = Rows - 1 - r.
+    The slice axis is (IPP_last - IPP_first) / (n - 1) (or the normal times 1 mm for a single slice).
+
+    Returns:
+        4x4 float64 affine.
+    """
+    first = slices[0]
+    row_dir, col_dir = first.orientation[:3], first.orientation[3:]
+    dr, dc = first.spacing
+    rows = first.shape[0]
+    if len(slices) > 1:
+        step = (slices[-1].position - first.position) / (len(slices) - 1)
+    else:
+        step = _normal(first.orientation)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dc
+    lps[:3, 1] = -col_dir * dr
+    lps[:3, 2] = step
+    lps[:3, 3] = first.position + (rows - 1) * dr * col_dir
+    return _LPS_TO_RAS @ lps
+
+
+def _read_volume(slices: Sequence[_Slice]) -> np.ndarray:
+    """HU volume (Columns, Rows, n) in the layout of :func:`series_affine`: int16 when integral, else float32."""
+    import pydicom
+
+    rows, cols = slices[0].shape
+    volume = np.empty((cols, rows, len(slices)), dtype=np.float32)
+    integral = True
+    for k, item in enumerate(slices):
+        ds = pydicom.dcmread(item.path, force=True)
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        integral &= slope.is_integer() and intercept.is_integer()
+        pixels = ds.pixel_array
+        if pixels.shape != (rows, cols):
+            raise DicomSeriesError(f"{item.path}: pixel data of shape {pixels.shape}, expected {(rows, cols)}")
+        volume[:, :, k] = (pixels.astype(np.float32) * slope + intercept).T[:, ::-1]
+    if integral and volume.size and volume.min() >= np.iinfo(np.int16).min and volume.max() <= np.iinfo(np.int16).max:
+        return volume.astype(np.int16)
+    return volume
+
+
+def convert_dicom(src: str | Path, out: str | Path, series_uid: str | None = None) -> list[Path]:
+    """Convert the DICOM series below ``src`` to NIfTI files in ``out`` (one per series).
+
+    Args:
+        src: folder of DICOM files (any names, searched recursively) or one file. Never written to.
+        out: output folder (created); must not be ``src`` or lie inside it. Each file is written atomically.
+        series_uid: convert only this series (its SeriesInstanceUID, or the 8-character hash in the file names).
+
+    Returns:
+        The written NIfTI paths ``<out>/<series name>.nii.gz``.
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist.
+        ValueError: ``out`` inside ``src``, no DICOM image found, or ``series_uid`` not found (lists the series).
+        DicomSeriesError: gaps, duplicate positions, mixed orientations or sizes, missing geometry (all listed).
+    """
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist; give a folder of DICOM files")
+    src_dir = (src if src.is_dir() else src.parent).resolve()
+    out_resolved = out.resolve()
+    if out_resolved == src_dir or src_dir in out_resolved.parents:
+        raise ValueError(
+            f"output folder {out} is inside the DICOM source {src}; choose a folder outside it (sources are never written to)"
+        )
+    all_series = scan_series(src)
+    if not all_series:
+        raise ValueError(f"no DICOM image found in {src} (files are read whatever their extension)")
+    if series_uid is not None:
+        chosen = [s for s in all_series if series_uid in (s.uid, s.short_id)]
+        if not chosen:
+            listing = "; ".join(f"{s.uid or '(no UID)'} [{s.short_id}] {len(s.slices)} slices" for s in all_series)
+            raise ValueError(f"series {series_uid!r} not found in {src}; available: {listing}")
+        all_series = chosen
+    ordered, problems = [], []
+    for series in all_series:
+        slices, found = _validate(series)
+        ordered.append(slices)
+        problems.extend(found)
+        if series.modality.upper() != "CT":
+            logger.warning("%s: Modality is %r, not CT: HU windows may not apply", series.name, series.modality)
+    if problems:
+        raise DicomSeriesError("; ".join(problems) + " (nothing written; pick a good series with --series UID)")
+    written = []
+    for series, slices in zip(all_series, ordered):
+        target = out / f"{series.name}.nii.gz"
+        volume = _read_volume(slices)
+        affine = series_affine(slices)
+        save_nifti(volume, affine, target)
+        zooms = np.linalg.norm(affine[:3, :3], axis=0)
+        logger.info(
+            "%s: %d slices -> %s shape %s spacing (%.3f, %.3f, %.3f) HU %s..%s",
+            series.name,
+            len(slices),
+            target,
+            volume.shape,
+            *zooms,
+            volume.min(),
+            volume.max(),
+        )
+        written.append(target)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m pipelines.dicom_to_nifti SRC OUT [--series UID]``; prints one line per NIfTI written.
+
+    Returns:
+        0 on success, 1 when a series cannot be converted or the input is bad (the reason is printed).
+    """
+    parser = argparse.ArgumentParser(prog="ctdistill-dicom-to-nifti", description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="folder of DICOM files (any file names; searched recursively)")
+    parser.add_argument("out", help="output folder for the NIfTI files (outside SRC)")
+    parser.add_argument("--series", default=None, help="convert only this SeriesInstanceUID (or its 8-character hash)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log skipped files")
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        written = convert_dicom(args.src, args.out, series_uid=args.series)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ERROR: {err}")
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
