@@ -61,7 +61,7 @@ class DemoConfig:
     batch_size: int = 8
     val_interval: int = 10
     teacher_features: Sequence[int] = (8, 16, 32, 64)
-    student_base_width: int = 8
+    student_base_width: int = 16
     lr: float = 1e-3
     seed: int = 0
 
