@@ -92,7 +92,7 @@ def build_dataset(
         datalist: list of ``{"image": path, "label": path}`` dicts (e.g. a split of ``splits.json``).
         transform: a Compose, typically ``build_transforms(stage, ...)``.
         cache_rate: share of items cached in memory, in [0, 1] (see :func:`estimate_cache` for what fits).
-        num_workers: worker threads filling the cache (0: in the main thread).
+        num_workers: worker threads filling the cache (0 or 1: a single thread, items cached one after another).
         copy_cache: deep-copy cached items before the random transforms (keep True unless they never modify data in
             place).
         progress: show a progress bar while caching.
@@ -115,7 +115,7 @@ def build_dataset(
         data=list(datalist),
         transform=transform,
         cache_rate=float(cache_rate),
-        num_workers=int(num_workers) or None,
+        num_workers=max(1, int(num_workers)),  # MONAI reads None (and so a bare 0) as os.cpu_count() threads
         copy_cache=copy_cache,
         progress=progress,
     )
@@ -219,6 +219,21 @@ class CacheEstimate:
         return text + f": does NOT fit; use cache_rate <= {self.max_cache_rate:g} (or resample/resize smaller)"
 
 
+def _rate_caching(items: int, n: int) -> float:
+    """A short cache_rate r (2 decimals when possible) for which CacheDataset caches exactly ``int(n * r) == items``."""
+    if items >= n:
+        return 1.0
+    for digits in (2, 3, 4, 6):
+        scale = 10**digits
+        rate = math.ceil(items / n * scale) / scale
+        if int(n * rate) == items:
+            return rate
+    rate = items / n
+    while int(n * rate) < items:  # float rounding: step up to the next representable value
+        rate = math.nextafter(rate, 1.0)
+    return rate
+
+
 def estimate_cache(
     datalist: Sequence[Mapping[str, Any]],
     cache_rate: float = 1.0,
@@ -268,14 +283,15 @@ def estimate_cache(
         sizes = [float(s) for s in item_bytes]
         if len(sizes) != n:
             raise ValueError(f"item_bytes has {len(sizes)} entries for {n} datalist items")
-    # CacheDataset caches the first int(n * cache_rate) items
+    # CacheDataset caches the first int(n * cache_rate) items, in datalist order
     cached = min(n, int(n * float(cache_rate)))
     mean = float(np.mean(sizes))
     cache_bytes = int(sum(sizes[:cached]))
     available = int(available_memory_bytes() if available_bytes is None else available_bytes)
     budget = int(available * float(headroom))
-    fitting = int(budget // mean) if mean > 0 else n
-    max_rate = math.floor(min(1.0, fitting / n) * 100) / 100
+    prefix = np.cumsum(sizes)
+    fitting = int(np.searchsorted(prefix, budget, side="right"))  # largest m with sum(sizes[:m]) <= budget
+    max_rate = _rate_caching(fitting, n)
     estimate = CacheEstimate(n, float(cache_rate), cached, mean, cache_bytes, available, budget, max_rate)
     logger.info(estimate.message())
     return estimate
