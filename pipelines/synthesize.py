@@ -175,7 +175,9 @@ def synthesize_case(task: str, size: int, rng: np.random.Generator) -> Synthetic
     while len(tumors) < n_tumors and attempts < 50:
         attempts += 1
         first = not tumors
-        diameter = rng.uniform(min_first, 60.0) if first else float(np.exp(rng.uniform(np.log(5.0), np.log(45.0))))
+        # coarse grids (small matrices) need a larger first tumor: keep the draw range non-empty
+        high = max(60.0, 1.25 * min_first)
+        diameter = rng.uniform(min_first, high) if first else float(np.exp(rng.uniform(np.log(5.0), np.log(45.0))))
         centre, semi = organ_geom[int(rng.integers(len(organ_geom)))]
         boundary = bool(rng.random() < 0.4)
         depth_frac = rng.uniform(0.85, 1.0) if boundary else rng.uniform(0.0, 0.6)
