@@ -316,6 +316,8 @@ def check_dataset(source: str | Path, labels: Iterable[int] | None = None) -> li
                 f"orientation {','.join(codes)} in {len(files)} of {sum(map(len, axcodes.values()))} images{note}",
             )
         )
+    labelled = sum(case.label is not None for case in cases)
+    problems.append(Problem("info", str(source), f"{len(cases)} case(s) checked, {labelled} with a label"))
     return problems
 
 

@@ -49,6 +49,7 @@ class _Slice:
     orientation: np.ndarray  # ImageOrientationPatient (6,)
     spacing: tuple[float, float]  # PixelSpacing (row spacing, column spacing)
     shape: tuple[int, int]  # (Rows, Columns)
+    rescale: tuple[float, float]  # (RescaleSlope, RescaleIntercept)
 
 
 @dataclass
@@ -154,6 +155,7 @@ def scan_series(src: str | Path, exclude: Path | None = None) -> list[SeriesInfo
                 np.array([float(v) for v in orientation], dtype=np.float64),
                 (float(spacing[0]), float(spacing[1])),
                 shape,
+                (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)),
             )
         )
     return sorted(groups.values(), key=lambda s: (s.number if s.number is not None else -1, s.description, s.short_id))
@@ -236,23 +238,25 @@ def series_affine(slices: Sequence[_Slice]) -> np.ndarray:
 
 
 def _read_volume(slices: Sequence[_Slice]) -> np.ndarray:
-    """HU volume (Columns, Rows, n) in the layout of :func:`series_affine`: int16 when integral, else float32."""
+    """HU volume (Columns, Rows, n) in the layout of :func:`series_affine`: int16 when integral, else float32.
+
+    Each file is decoded once, slice by slice, into the output array (no full-volume float copy for int16 series).
+    """
     import pydicom
 
     rows, cols = slices[0].shape
-    volume = np.empty((cols, rows, len(slices)), dtype=np.float32)
-    integral = True
+    integral = all(float(v).is_integer() for item in slices for v in item.rescale)
+    volume = np.empty((cols, rows, len(slices)), dtype=np.int16 if integral else np.float32)
+    limits = np.iinfo(np.int16)
     for k, item in enumerate(slices):
-        ds = pydicom.dcmread(item.path, force=True)
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        integral &= slope.is_integer() and intercept.is_integer()
-        pixels = ds.pixel_array
+        pixels = pydicom.dcmread(item.path, force=True).pixel_array
         if pixels.shape != (rows, cols):
             raise DicomSeriesError(f"{item.path}: pixel data of shape {pixels.shape}, expected {(rows, cols)}")
-        volume[:, :, k] = (pixels.astype(np.float32) * slope + intercept).T[:, ::-1]
-    if integral and volume.size and volume.min() >= np.iinfo(np.int16).min and volume.max() <= np.iinfo(np.int16).max:
-        return volume.astype(np.int16)
+        slope, intercept = item.rescale
+        hu = (pixels.astype(np.float32) * slope + intercept).T[:, ::-1]
+        if volume.dtype == np.int16 and (hu.min() < limits.min or hu.max() > limits.max):
+            volume = volume.astype(np.float32)  # HU beyond int16 (unusual): keep every value exactly
+        volume[:, :, k] = hu
     return volume
 
 

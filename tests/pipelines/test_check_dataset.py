@@ -70,6 +70,7 @@ def test_clean_cohort_passes(cohorts, task, capsys):
     out = capsys.readouterr().out
     assert "ERROR" not in out and "WARNING" not in out
     assert "orientation R,A,S in 3 of 3 images" in out  # the synthesizer writes RAS volumes
+    assert "3 case(s) checked, 3 with a label" in out
     assert out.strip().splitlines()[-1].startswith("OK: 0 error(s), 0 warning(s)")
 
 
@@ -226,8 +227,9 @@ def test_orientation_reported_for_axial_first_volumes(tmp_path):
     save_nifti(hu, affine, case / "imaging.nii.gz")
     save_nifti(label, affine, case / "segmentation.nii.gz")
     problems = check_dataset(tmp_path / "ds")
-    assert [p.severity for p in problems] == ["info"]
+    assert [p.severity for p in problems] == ["info", "info"]
     assert problems[0].message.startswith("orientation I,P,L in 1 of 1 images (axial axis first")
+    assert problems[1].message == "1 case(s) checked, 1 with a label"
 
 
 def test_bad_source_is_a_clear_error(tmp_path, capsys):
