@@ -23,6 +23,7 @@ __all__ = [
     "LAYOUTS",
     "PRESETS",
     "SPLITS",
+    "UNLABELLED",
     "detect_layout",
     "read_declared_labels",
     "find_cases",
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS: tuple[str, ...] = ("kits19", "lits", "nnunet", "msd", "csv")
 SPLITS: tuple[str, ...] = ("training", "validation", "test")
+#: Extra section, written only when non-empty: unlabelled cases kept out of a preset's labelled test set.
+UNLABELLED = "unlabelled"
 #: Paper splits (HLFD, ISBI 2024, Sec. 3): KiTS 210 cases -> 168 train : 42 test; LiTS 201 -> 131 labelled : 70 test.
 PRESETS: dict[str, dict[str, int]] = {"kits19": {"train": 168, "test": 42}, "lits": {"train": 131, "test": 70}}
 
@@ -230,9 +233,11 @@ def make_splits(
 ) -> dict[str, list[dict[str, Any]]]:
     """Deterministic train/val/test lists.
 
-    Unlabelled cases always go to ``test``. With a ``preset`` a test set is held out from the labelled cases first:
+    Unlabelled cases go to ``test``. With a ``preset`` a test set is held out from the labelled cases first:
     ``kits19`` 42 of 210 (the paper's 168:42), ``lits`` the unlabelled ``test-volume`` files when present (131:70)
-    or else 70/201 of the labelled ones; with another number of cases the same proportion is used (logged). The
+    or else 70/201 of the labelled ones; with another number of cases the same proportion is used (logged). When a
+    preset holds out labelled test cases, unlabelled ones (e.g. KiTS19 cases 210-299, whose labels were never
+    released) go to a separate ``"unlabelled"`` list instead, so ``test`` stays evaluable. The
     remaining labelled cases are split into training/validation by ``val_fraction`` or into ``folds`` (every entry
     gets a ``fold``; ``validation`` is fold ``fold``). A CSV ``split`` column, when present, wins.
 
@@ -245,7 +250,8 @@ def make_splits(
         seed: shuffling seed.
 
     Returns:
-        ``{"training": [...], "validation": [...], "test": [...]}`` of ``{"image", "label", "case"[, "fold"]}``.
+        ``{"training": [...], "validation": [...], "test": [...]}`` of ``{"image", "label", "case"[, "fold"]}``, plus
+        ``"unlabelled"`` when a preset moved unlabelled cases out of ``test``.
 
     Raises:
         ValueError: unknown preset, both or bad ``val_fraction``/``folds``, ``fold`` out of range, more folds than
@@ -304,11 +310,18 @@ def make_splits(
     def by_case(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return sorted(entries, key=lambda e: e["case"])
 
-    return {
+    result = {
         "training": fixed["training"] + by_case([_entry(c) for c in training]),
         "validation": fixed["validation"] + by_case([_entry(c) for c in validation]),
         "test": fixed["test"] + by_case([_entry(c) for c in test]),
     }
+    if test and fixed["test"]:  # never mix labelled and unlabelled cases in the preset's test set
+        unlabelled = [e for e in fixed["test"] if "label" not in e]
+        if unlabelled:
+            result["test"] = [e for e in result["test"] if "label" in e]
+            result[UNLABELLED] = unlabelled
+            logger.info("preset %s: %d unlabelled cases listed apart under %r, not in test", preset, len(unlabelled), UNLABELLED)
+    return result
 
 
 def write_datalist(
@@ -323,8 +336,8 @@ def write_datalist(
 ) -> dict[str, Any]:
     """Detect the layout of ``source``, split it (:func:`make_splits`) and write ``out`` (JSON, atomically).
 
-    The file holds ``training``, ``validation``, ``test`` (absolute paths) and ``meta`` (layout, source, seed, split
-    options, declared labels, counts). Nothing in ``source`` is modified.
+    The file holds ``training``, ``validation``, ``test`` [, ``unlabelled``] (absolute paths) and ``meta`` (layout,
+    source, seed, split options, declared labels, counts). Nothing in ``source`` is modified.
 
     Returns:
         The written dict.
@@ -346,7 +359,7 @@ def write_datalist(
         "folds": folds,
         "fold": fold if folds is not None else None,
         "labels": read_declared_labels(source),
-        "counts": {name: len(splits[name]) for name in SPLITS},
+        "counts": {name: len(splits[name]) for name in (*SPLITS, UNLABELLED) if name in splits},
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -362,8 +375,8 @@ def load_split(splits_file: str | Path, split: str = "training") -> list[dict[st
     Raises:
         ValueError: unknown split name, or a file without it.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in (*SPLITS, UNLABELLED):
+        raise ValueError(f"split must be one of {(*SPLITS, UNLABELLED)}, got {split!r}")
     data = json.loads(Path(splits_file).read_text())
     if split not in data:
         raise ValueError(f"{splits_file} has no {split!r} list (found {sorted(data)})")

@@ -69,6 +69,19 @@ def test_kits19_unlabelled_cases_are_test_only(tmp_path):
     assert len(splits["validation"]) == 2 and len(splits["training"]) == 6
 
 
+def test_kits19_full_release_preset_keeps_test_evaluable(tmp_path):
+    # the KiTS19 release: 210 labelled cases + 90 whose labels were never published
+    root = _kits(tmp_path / "kits", labelled=210, unlabelled=90)
+    _, cases = find_cases(root)
+    splits = make_splits(cases, preset="kits19", val_fraction=0.2, seed=0)
+    assert len(splits["test"]) == 42 and all("label" in e for e in splits["test"])
+    assert len(splits["training"]) + len(splits["validation"]) == 168
+    assert _names(splits["unlabelled"]) == [f"case_{i:05d}" for i in range(210, 300)]
+    data = write_datalist(root, tmp_path / "s.json", preset="kits19", seed=0)
+    assert data["meta"]["counts"] == {"training": 134, "validation": 34, "test": 42, "unlabelled": 90}
+    assert len(load_split(tmp_path / "s.json", "unlabelled")) == 90
+
+
 def test_lits_layout_and_paper_preset(tmp_path):
     root = _lits(tmp_path / "lits")
     layout, cases = find_cases(root)
