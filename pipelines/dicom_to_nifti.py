@@ -7,7 +7,8 @@ RescaleSlope/RescaleIntercept (int16 when integral, else float32); compressed tr
 JPEG-LS, RLE, ...) are decoded by pydicom's pixel handlers (pylibjpeg). The affine follows the dcm2niix convention:
 array axes (column, row flipped, slice), axial axis last, DICOM LPS converted to NIfTI RAS.
 
-Errors (nothing is written): gaps or uneven steps in slice positions (a step deviating more than 10 % from the
+Skipped with a warning: localizers, multi-frame files and images without position/orientation (secondary
+captures). Errors (nothing is written): gaps or uneven steps in slice positions (a step deviating more than 10 % from the
 median), duplicate positions, mixed orientations or matrix sizes within a series. Warning: Modality other than CT.
 Only geometry, the series number/description and a short hash of the series UID are used for outputs and logs.
 
@@ -39,7 +40,7 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 class DicomSeriesError(ValueError):
-    """A series cannot be converted faithfully (gaps, mixed orientations, missing geometry); nothing was written."""
+    """A series cannot be converted faithfully (gaps, duplicate positions, mixed orientations or sizes); nothing was written."""
 
 
 @dataclass
@@ -103,12 +104,16 @@ def _header(path: Path):
     return ds
 
 
-def scan_series(src: str | Path, exclude: Path | None = None) -> list[SeriesInfo]:
+def scan_series(src: str | Path, skipped: list[str] | None = None) -> list[SeriesInfo]:
     """Group the DICOM image files below ``src`` by series, reading headers only.
+
+    Files that are not DICOM are skipped with a debug log. DICOM images that cannot form a volume are skipped with
+    a warning: localizers (ImageType LOCALIZER), multi-frame files (enhanced CT), and images without
+    ImagePositionPatient/ImageOrientationPatient/PixelSpacing (secondary captures such as dose reports).
 
     Args:
         src: folder (searched recursively; any file names) or a single DICOM file.
-        exclude: a folder below ``src`` not to search (the output folder).
+        skipped: when given, one ``"<file>: <reason>"`` is appended per skipped DICOM image.
 
     Returns:
         Series sorted by (number, description, hash).
@@ -120,18 +125,23 @@ def scan_series(src: str | Path, exclude: Path | None = None) -> list[SeriesInfo
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
-    if exclude is not None:
-        exclude = exclude.resolve()
-        files = [p for p in files if exclude not in p.resolve().parents]
     groups: dict[tuple, SeriesInfo] = {}
     for path in files:
         ds = _header(path)
         if ds is None:
             continue
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise DicomSeriesError(
-                f"{path}: multi-frame DICOM (enhanced CT) is not supported; export single-frame slices"
-            )
+        reason = None
+        if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
+            reason = "localizer (scout) image"
+        elif int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            reason = "multi-frame DICOM (enhanced CT) is not supported; export single-frame slices"
+        elif any(ds.get(tag) is None for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")):
+            reason = "no ImagePositionPatient/ImageOrientationPatient/PixelSpacing (secondary capture?)"
+        if reason is not None:
+            logger.warning("skipping %s: %s", path, reason)
+            if skipped is not None:
+                skipped.append(f"{path}: {reason}")
+            continue
         uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
         number = ds.get("SeriesNumber")
         number = int(number) if number not in (None, "") else None
@@ -139,21 +149,12 @@ def scan_series(src: str | Path, exclude: Path | None = None) -> list[SeriesInfo
         shape = (int(ds.Rows), int(ds.Columns))
         key = (uid,) if uid else ("", number, description, shape)
         series = groups.setdefault(key, SeriesInfo(uid, number, description, str(ds.get("Modality", "") or ""), []))
-        position, orientation, spacing = (
-            ds.get("ImagePositionPatient"),
-            ds.get("ImageOrientationPatient"),
-            ds.get("PixelSpacing"),
-        )
-        if position is None or orientation is None or spacing is None:
-            raise DicomSeriesError(
-                f"{path}: image without ImagePositionPatient/ImageOrientationPatient/PixelSpacing; cannot place it in space"
-            )
         series.slices.append(
             _Slice(
                 path,
-                np.array([float(v) for v in position], dtype=np.float64),
-                np.array([float(v) for v in orientation], dtype=np.float64),
-                (float(spacing[0]), float(spacing[1])),
+                np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64),
+                np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64),
+                (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
                 shape,
                 (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)),
             )
@@ -274,7 +275,7 @@ def convert_dicom(src: str | Path, out: str | Path, series_uid: str | None = Non
     Raises:
         FileNotFoundError: ``src`` does not exist.
         ValueError: ``out`` inside ``src``, no DICOM image found, or ``series_uid`` not found (lists the series).
-        DicomSeriesError: gaps, duplicate positions, mixed orientations or sizes, missing geometry (all listed).
+        DicomSeriesError: gaps, duplicate positions, mixed orientations or sizes (all listed).
     """
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -285,9 +286,11 @@ def convert_dicom(src: str | Path, out: str | Path, series_uid: str | None = Non
         raise ValueError(
             f"output folder {out} is inside the DICOM source {src}; choose a folder outside it (sources are never written to)"
         )
-    all_series = scan_series(src)
+    skipped: list[str] = []
+    all_series = scan_series(src, skipped)
     if not all_series:
-        raise ValueError(f"no DICOM image found in {src} (files are read whatever their extension)")
+        why = f"; skipped {len(skipped)}: " + "; ".join(skipped[:3]) if skipped else ""
+        raise ValueError(f"no DICOM image series found in {src} (files are read whatever their extension){why}")
     if series_uid is not None:
         chosen = [s for s in all_series if series_uid in (s.uid, s.short_id)]
         if not chosen:

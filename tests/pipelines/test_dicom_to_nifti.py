@@ -49,6 +49,8 @@ def write_series(
     description: str = "Abdomen 2.0",
     syntax: str = ExplicitVRLittleEndian,
     seed: int = 0,
+    extra: dict | None = None,
+    drop: Sequence[str] = (),
 ) -> str:
     """One series, slice k at ``positions[k]`` holding ``_pixels(k)``; files in random order with random names."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,6 +81,10 @@ def write_series(
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept = f"{slope}", f"{intercept}"
         ds.PixelData = _pixels(k).tobytes()
+        for key, value in (extra or {}).items():
+            setattr(ds, key, value)
+        for key in drop:
+            delattr(ds, key)
         if syntax != ExplicitVRLittleEndian:
             ds.compress(syntax)
         name = hashlib.sha1(f"{uid}{k}{seed}".encode()).hexdigest()[:12]  # no extension, unrelated to k
@@ -214,10 +220,29 @@ def test_sources_are_never_written(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")] == []
 
 
+def test_localizers_and_secondary_captures_are_skipped(tmp_path, caplog):
+    src = tmp_path / "study"
+    sagittal, coronal = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0), (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    write_series(src / "scout", _z_positions([0, 0, 0]), orientation=[AXIAL, sagittal, coronal], number=1, seed=1,
+                 extra={"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})  # fmt: skip
+    write_series(
+        src / "dose", _z_positions([0]), number=999, seed=2, drop=("ImagePositionPatient", "ImageOrientationPatient")
+    )
+    write_series(src / "ct", _z_positions([0, 2, 4]), number=3, seed=3)
+    with caplog.at_level(logging.WARNING, logger="pipelines.dicom_to_nifti"):
+        (path,) = convert_dicom(src, tmp_path / "out")
+    assert path.name.startswith("series3_") and _read(path)[0].shape == (COLS, ROWS, 3)
+    reasons = [r.getMessage() for r in caplog.records]
+    assert (
+        sum("localizer (scout) image" in m for m in reasons) == 3
+        and sum("secondary capture" in m for m in reasons) == 1
+    )
+
+
 def test_no_dicom_found(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="no DICOM image found"):
+    with pytest.raises(ValueError, match="no DICOM image series found"):
         convert_dicom(tmp_path / "src", tmp_path / "out")
 
 
