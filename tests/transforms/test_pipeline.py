@@ -113,6 +113,20 @@ def test_val_3d_and_liver_window(ras_case):
     np.testing.assert_allclose(out["image"][0, 0, 0].numpy(), expected, atol=1e-5)
 
 
+def test_spacing_resample_inverts_and_matches_the_cache_estimate(ras_case):
+    from pipelines.data import cached_item_bytes
+
+    tr = build_transforms("val", spatial_dims=2, pixdim=(1.8, 1.8, -1))  # in-plane 0.9 -> 1.8 mm, z kept
+    out = tr(_files(ras_case))
+    assert tuple(out["image"].shape) == (3, 20, 18, 12) and tuple(out["label"].shape) == (1, 20, 18, 12)
+    np.testing.assert_allclose(np.diag(out["image"].affine.numpy())[:3], [1.8, 1.8, 3.0])
+    assert cached_item_bytes(ras_case["image"], pixdim=(1.8, 1.8, -1)) == 20 * 18 * 12 * 8
+    inv = _invert(tr, out, "image")
+    assert tuple(inv.shape) == (1, *ras_case["shape"])
+    np.testing.assert_allclose(inv.affine.numpy(), ras_case["affine"], atol=1e-5)
+    assert (inv[0].numpy() == ras_case["label_array"]).mean() > 0.95
+
+
 def test_train_2p5d_crops_are_neighbour_slabs_with_centre_label(ras_case):
     k, n = 3, 40
     tr = build_transforms(
