@@ -25,7 +25,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from pipelines.datalist import SPLITS, find_cases, read_declared_labels
+from pipelines.datalist import SPLITS, UNLABELLED, find_cases, read_declared_labels
 
 __all__ = ["SEVERITIES", "DEFAULT_LABELS", "CT_MIN_BELOW", "CT_MAX_ABOVE", "Problem", "check_dataset", "main"]
 
@@ -85,7 +85,7 @@ def _entries_from_json(path: Path) -> tuple[list[_Case], dict[str, Any] | None]:
         p = Path(str(value).removeprefix("./"))
         return p if p.is_absolute() else path.parent / p
 
-    for split in SPLITS:
+    for split in (*SPLITS, UNLABELLED):
         for index, entry in enumerate(data.get(split) or []):
             item = entry if isinstance(entry, dict) else {"image": entry}
             if "image" not in item:

@@ -216,6 +216,17 @@ def test_splits_file_source(kits, tmp_path):
     assert main([str(splits)]) == 1
 
 
+def test_splits_unlabelled_section_is_checked(kits, tmp_path):
+    """Images of the datalist's 'unlabelled' section (no label expected) are checked too."""
+    image, _ = _case(kits, 2)
+    _rewrite(image, lambda d: np.where(np.arange(d.size).reshape(d.shape) == 3, np.nan, d).astype(np.float32))
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"training": [], "unlabelled": [{"image": str(image)}]}))
+    problems = check_dataset(splits)
+    assert [(p.file, p.message) for p in _errors(problems)] == [(str(image), "image has 1 NaN and 0 inf voxels")]
+    assert problems[-1].message == "1 case(s) checked, 0 with a label"
+
+
 def test_orientation_reported_for_axial_first_volumes(tmp_path):
     """A KiTS19-like volume (axial axis first, axcodes I,P,L) is reported as info, not as a problem."""
     hu = np.full((6, 16, 16), -1000, np.int16)
