@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from transforms.augment import build_augmentation
-from transforms.pipeline import DEFAULT_ROI_3D, STAGES, build_transforms
+from transforms.pipeline import DEFAULT_ROI_3D, STAGES, CacheBoundary, build_transforms
 from transforms.sampling import build_sampler, class_ratios
 from transforms.stack import VALID_NUM_SLICES, StackSlicesd, stack_slices
 from transforms.window import TASK_WINDOWS, WINDOW_PRESETS, HUWindow, HUWindowd, resolve_window
@@ -22,5 +22,6 @@ __all__ = [
     "build_augmentation",
     "STAGES",
     "DEFAULT_ROI_3D",
+    "CacheBoundary",
     "build_transforms",
 ]

@@ -20,11 +20,28 @@ from transforms.sampling import build_sampler
 from transforms.stack import StackSlicesd, check_num_slices
 from transforms.window import TASK_WINDOWS, HUWindowd, resolve_window
 
-__all__ = ["STAGES", "DEFAULT_ROI_3D", "build_transforms"]
+__all__ = ["STAGES", "DEFAULT_ROI_3D", "CacheBoundary", "build_transforms"]
 
 STAGES: tuple[str, ...] = ("train", "val", "infer")
 #: 3D training patch used when ``roi_size`` is not given.
 DEFAULT_ROI_3D: tuple[int, int, int] = (96, 96, 32)
+
+
+class CacheBoundary:
+    """Identity that ends what ``CacheDataset`` caches: MONAI caches a Compose up to the first random transform OR
+    the first callable that is not a ``monai.transforms.Transform`` -- this class is deliberately not one.
+
+    Used before the 2.5D whole-volume slice stacking, whose output is k copies of the volume: caching it would take
+    k times the image memory (and break :func:`pipelines.data.estimate_cache`'s bytes-per-voxel assumption), while
+    stacking after the cache costs one gather per item.
+    """
+
+    def __call__(self, data):
+        """Return ``data`` unchanged."""
+        return data
+
+    def __repr__(self) -> str:
+        return "CacheBoundary()"
 
 
 def build_transforms(
@@ -56,10 +73,11 @@ def build_transforms(
     Input: dicts ``{"image": path, "label": path}`` (NIfTI or anything ``LoadImaged`` reads; CT in HU).
 
     Deterministic part (the same for every stage, and what ``CacheDataset`` caches: it stops at the first random
-    transform): ``LoadImaged -> EnsureChannelFirstd -> Orientationd("RAS") -> [Spacingd(pixdim)] -> HUWindowd ->
-    [Resized to in_plane_size]`` (+ for training only: edge-replicating pad of k//2 slices at both ends in 2.5D, and
-    a pad up to the crop size). After orientation the axial axis is the LAST one, whatever the file stored
-    (KiTS19 NIfTI is I,P,L: axial first).
+    transform, or at :class:`CacheBoundary`): ``LoadImaged -> EnsureChannelFirstd -> Orientationd("RAS") ->
+    [Spacingd(pixdim)] -> HUWindowd -> [Resized to in_plane_size]`` (+ for training only: edge-replicating pad of
+    k//2 slices at both ends in 2.5D, and a pad up to the crop size). The cache thus holds one (1, H, W, D) image and
+    label per case at every stage (2.5D val/infer stack the slices after the cache). After orientation the axial axis
+    is the LAST one, whatever the file stored (KiTS19 NIfTI is I,P,L: axial first).
 
     Stage outputs (C = channels; H, W, D after the deterministic part):
 
@@ -181,5 +199,6 @@ def build_transforms(
             )
         )
     elif spatial_dims == 2:
+        ops.append(CacheBoundary())  # cache (1, H, W, D), not its k stacked copies
         ops.append(StackSlicesd(keys=image_key, num_slices=k, mode="volume"))
     return Compose(ops)

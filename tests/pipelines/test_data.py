@@ -133,3 +133,19 @@ def test_save_nifti_roundtrip_and_validation(tmp_path):
         save_nifti(data, affine, tmp_path / "x.png")
     with pytest.raises(ValueError, match="4x4"):
         save_nifti(data, np.eye(3), tmp_path / "y.nii")
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_val_cache_holds_one_volume_not_k_stacked_copies(tmp_path, k):
+    image = np.zeros((12, 10, 5), np.int16)
+    label = np.zeros((12, 10, 5), np.uint8)
+    entry = {
+        "image": str(save_nifti(image, np.eye(4), tmp_path / "i.nii.gz")),
+        "label": str(save_nifti(label, np.eye(4), tmp_path / "l.nii.gz")),
+    }
+    ds = build_dataset([entry], build_transforms("val", num_slices=k), cache_rate=1.0)
+    cached = ds._cache[0]
+    assert tuple(cached["image"].shape) == (1, 12, 10, 5)
+    assert cached["image"].numel() * 4 + cached["label"].numel() * 4 == cached_item_bytes(entry["image"])
+    out = ds[0]
+    assert tuple(out["image"].shape) == (k, 12, 10, 5) and tuple(out["label"].shape) == (1, 12, 10, 5)
