@@ -123,3 +123,22 @@ def test_3d_rotation_is_in_the_axial_plane():
     out = aug({"image": MetaTensor(image), "label": MetaTensor(label)})
     torch.testing.assert_close(out["label"].as_tensor(), label)
     torch.testing.assert_close(out["image"].as_tensor(), image, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("present", [(0, 1), (0,)])
+def test_sampler_without_tumor_voxels_still_draws(present):
+    data = _labelled_volume()
+    data["label"][data["label"] == 2] = 1 if 1 in present else 0
+    if present == (0,):
+        data["label"].zero_()
+    sampler = build_sampler((-1, -1, 3), 200, tumor_share=0.5, organ_share=0.25)
+    sampler.set_random_state(seed=6)
+    crops = sampler(data)
+    assert len(crops) == 200 and all(tuple(c["image"].shape) == (1, H, W, 3) for c in crops)
+    if present == (0, 1):  # the tumor share is redistributed: background and organ centres, 1:1
+        lab = data["label"][0].numpy()
+        bg_z = np.nonzero(lab == 0)[2].clip(1, D - 2)
+        organ_slices = [5, 6, *range(10, 15)]
+        expected = 0.5 + 0.5 * np.isin(bg_z, organ_slices).mean()
+        centres = np.array([int(c["image"][0, 0, 0, 1]) for c in crops])
+        assert abs(np.isin(centres, organ_slices).mean() - expected) < 0.08
