@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -277,7 +278,7 @@ def estimate_cache(
             cached_item_bytes(item["image"], pixdim=pixdim, in_plane_size=in_plane_size, bytes_per_voxel=bytes_per_voxel)
             for item in datalist
         ]
-    elif isinstance(item_bytes, (int, float)):
+    elif isinstance(item_bytes, numbers.Real):  # numpy scalars too (np.int64 is not an int)
         sizes = [float(item_bytes)] * n
     else:
         sizes = [float(s) for s in item_bytes]

@@ -99,6 +99,7 @@ def test_estimate_cache_one_of_three_and_uneven_items():
     est = estimate_cache(datalist, 1.0, item_bytes=[180, 10, 10], available_bytes=150, headroom=1.0)
     assert int(3 * est.max_cache_rate) == 0
     assert estimate_cache(datalist, 0.34, item_bytes=[180, 10, 10], available_bytes=150, headroom=1.0).fits is False
+    assert estimate_cache(datalist, 1.0, item_bytes=np.int64(40), available_bytes=150, headroom=1.0).fits
     with pytest.raises(ValueError):
         estimate_cache(datalist, 1.0, item_bytes=[1, 2])
     with pytest.raises(ValueError, match="empty"):
