@@ -111,6 +111,11 @@ def test_val_3d_and_liver_window(ras_case):
     # liver window (-40, 160): slice z holds -200 + 20 z -> clip((20 z - 160) / 200, 0, 1)
     expected = np.clip((20 * np.arange(12) - 160) / 200, 0, 1)
     np.testing.assert_allclose(out["image"][0, 0, 0].numpy(), expected, atol=1e-5)
+    assert out["image"].dtype == torch.float32 and out["label"].dtype == torch.float32
+    inf = build_transforms("infer", spatial_dims=3, in_plane_size=(20, 18))({"image": ras_case["image"]})
+    assert set(inf) == {"image"} and tuple(inf["image"].shape) == (1, 20, 18, 12)
+    with_label = build_transforms("infer", spatial_dims=3, with_label=True)(_files(ras_case))
+    assert tuple(with_label["label"].shape) == (1, 40, 36, 12)
 
 
 def test_spacing_resample_inverts_and_matches_the_cache_estimate(ras_case):
