@@ -146,17 +146,32 @@ def resolve_splits(
     return str(out)
 
 
-def load_split(splits_file: str | os.PathLike, section: str | Sequence[str]) -> list[dict]:
-    """Entries of one split section (the first non-empty of ``section`` when a list is given).
+def load_split(splits_file: str | os.PathLike, section: str | Sequence[str], labelled: bool = True) -> list[dict]:
+    """Entries of one split section (the first usable of ``section`` when a list is given).
+
+    Args:
+        splits_file: splits JSON written by ``pipelines.datalist`` (or by the user).
+        section: a section name, or several tried in order (e.g. ``["test", "validation"]``).
+        labelled: keep only entries with a ``label`` (training, validation and evaluation need one). A section
+            with no labelled entry is skipped: the LiTS preset's ``test`` section holds the 70 unlabelled test
+            volumes, so evaluation falls through to ``validation``.
+
+    Returns:
+        ``[{"image": ..., "label": ...}, ...]``.
 
     Raises:
-        BundleInputError: every listed section is missing or empty.
+        BundleInputError: every listed section is missing or empty (or has no labelled entry).
     """
     data = json.loads(Path(splits_file).read_text())
     for s in [section] if isinstance(section, str) else list(section):
-        if data.get(s):
-            return [{k: v for k, v in e.items() if k in ("image", "label")} for e in data[s]]
-    raise BundleInputError(f"{splits_file} has no entries in {section!r}; sections present: {[k for k in data if k != 'meta']}.")
+        entries = [{k: v for k, v in e.items() if k in ("image", "label")} for e in data.get(s) or []]
+        kept = [e for e in entries if e.get("label")] if labelled else entries
+        if len(kept) < len(entries):
+            logger.warning("%s: %d of %d entries in %r have no label and are left out", splits_file, len(entries) - len(kept), len(entries), s)
+        if kept:
+            return kept
+    what = "labelled entries" if labelled else "entries"
+    raise BundleInputError(f"{splits_file} has no {what} in {section!r}; sections present: {[k for k in data if k != 'meta']}.")
 
 
 def check_teacher_checkpoint(path: str | os.PathLike | None, role: str) -> bool:

@@ -69,11 +69,24 @@ def test_resolve_splits_errors(tmp_path):
     assert not any((tmp_path / "empty").iterdir()), "nothing written into the dataset folder"
 
 
+def test_load_split_skips_unlabelled_entries(tmp_path):
+    """LiTS preset: 'test' holds the unlabelled test volumes, so evaluation falls through to 'validation'."""
+    s = tmp_path / "s.json"
+    s.write_text(json.dumps({
+        "test": [{"image": "t1.nii"}, {"image": "t2.nii"}],
+        "validation": [{"image": "v1.nii", "label": "l1.nii"}, {"image": "v2.nii"}],
+    }))
+    assert load_split(s, ["test", "validation"]) == [{"image": "v1.nii", "label": "l1.nii"}]
+    assert [e["image"] for e in load_split(s, "test", labelled=False)] == ["t1.nii", "t2.nii"]
+    with pytest.raises(BundleInputError, match="no labelled entries"):
+        load_split(s, "test")
+
+
 def test_load_split_fallback_and_preflight_missing_files(tmp_path):
     s = tmp_path / "s.json"
     s.write_text(json.dumps({"training": [{"image": str(tmp_path / "a.nii.gz"), "label": str(tmp_path / "b.nii.gz")}], "test": []}))
     assert load_split(s, ["test", "training"])[0]["image"].endswith("a.nii.gz")
-    with pytest.raises(BundleInputError, match="no entries"):
+    with pytest.raises(BundleInputError, match="no labelled entries"):
         load_split(s, "validation")
     with pytest.raises(BundleInputError, match="do not exist"):
         preflight(str(s), role="x", sections=("training",), check_integrity=False)
