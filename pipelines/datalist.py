@@ -204,13 +204,15 @@ def find_cases(source: str | Path) -> tuple[str, list[dict[str, Any]]]:
                     entry["split"] = row["split"].strip()
                 cases.append(entry)
 
-    def sort_key(c: dict[str, Any]) -> tuple:
-        digits = re.findall(r"\d+", c["case"])
-        return (int(digits[-1]) if digits else -1, c["case"])
-
     if layout != "csv":
-        cases.sort(key=sort_key)
+        cases.sort(key=_case_order)
     return layout, cases
+
+
+def _case_order(case: dict[str, Any]) -> tuple[int, str]:
+    """Sort key: the last number in the case id (numerically), then the id."""
+    digits = re.findall(r"\d+", case["case"])
+    return (int(digits[-1]) if digits else -1, case["case"])
 
 
 def _entry(case: dict[str, Any], with_label: bool = True) -> dict[str, Any]:
@@ -308,7 +310,7 @@ def make_splits(
         validation, training = order[:n_val], order[n_val:]
 
     def by_case(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return sorted(entries, key=lambda e: e["case"])
+        return sorted(entries, key=_case_order)
 
     result = {
         "training": fixed["training"] + by_case([_entry(c) for c in training]),
