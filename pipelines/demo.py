@@ -49,6 +49,8 @@ class DemoConfig:
         val_interval: validate (and maybe save best.pt) every this many epochs.
         teacher_features: UNet++ widths.
         student_base_width: ResNet18 base width (widths base * (1, 2, 4, 8)).
+        student_decoder_channels: ResNet18 decoder widths at strides 16, 8, 4, 2, 1 (None: the network's default,
+            scaled with the base width).
         lr: learning rate of every run (the paper's 1e-3).
         seed: data and training seed.
     """
@@ -62,6 +64,7 @@ class DemoConfig:
     val_interval: int = 10
     teacher_features: Sequence[int] = (8, 16, 32, 64)
     student_base_width: int = 16
+    student_decoder_channels: Sequence[int] | None = None
     lr: float = 1e-3
     seed: int = 0
 
@@ -154,10 +157,13 @@ def run_demo(cfg: DemoConfig) -> list[MethodResult]:
         experiment_name="ctdistill_demo",
     )
     runs = out / "runs"
+    student = {"base_width": cfg.student_base_width}
+    if cfg.student_decoder_channels is not None:
+        student["decoder_channels"] = list(cfg.student_decoder_channels)
     plan = [
         ("UNet++ teacher", "unetpp_teacher", {"network_kwargs": {"features": list(cfg.teacher_features)}}),
-        ("ResNet18 student (no KD)", "resnet18_student", {"network_kwargs": {"base_width": cfg.student_base_width}}),
-        ("ResNet18 student + HLFD", "hlfd", {"network_kwargs": {"base_width": cfg.student_base_width}}),
+        ("ResNet18 student (no KD)", "resnet18_student", {"network_kwargs": student}),
+        ("ResNet18 student + HLFD", "hlfd", {"network_kwargs": student}),
     ]
     results = []
     teacher_ckpt = runs / "unetpp_teacher" / "checkpoints" / "best.pt"
@@ -231,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--samples-per-volume", type=int, default=d.samples_per_volume)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--teacher-features", type=int, nargs="+", default=list(d.teacher_features), help="UNet++ teacher widths per level")
+    p.add_argument("--student-width", type=int, default=d.student_base_width, help="ResNet18 student base width")
+    p.add_argument("--student-decoder", type=int, nargs=5, default=d.student_decoder_channels, help="ResNet18 student decoder widths (strides 16, 8, 4, 2, 1)")
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
     if a.cases < 5:
@@ -239,7 +248,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error(f"--size must be divisible by 16 (network strides), got {a.size}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch_threads = os.environ.get("OMP_NUM_THREADS")
-    cfg = DemoConfig(out=a.out, cases=a.cases, size=a.size, epochs=a.epochs, samples_per_volume=a.samples_per_volume, batch_size=a.batch_size, seed=a.seed)
+    cfg = DemoConfig(
+        out=a.out, cases=a.cases, size=a.size, epochs=a.epochs, samples_per_volume=a.samples_per_volume, batch_size=a.batch_size, seed=a.seed,
+        teacher_features=tuple(a.teacher_features), student_base_width=a.student_width,
+        student_decoder_channels=a.student_decoder,
+    )
     t0 = time.perf_counter()
     results = run_demo(cfg)
     print()

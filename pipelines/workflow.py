@@ -477,7 +477,9 @@ class TrainCheckpointer:
     """Best and last checkpoints, their sidecar files, and resume.
 
     ``<ckpt_dir>/last.pt`` after every epoch and ``<ckpt_dir>/best.pt`` when the evaluator's key metric (mean
-    validation tumor DSC) improves; each holds ``model`` (weights, unwrapped from DDP), ``network`` (the
+    validation tumor DSC) improves, or stays equal while the tie metric (mean organ DSC) improves: a model that
+    finds no tumor yet (tumor DSC 0 at every validation) is then still kept at its best organ segmentation, not at
+    its first validation. Each holds ``model`` (weights, unwrapped from DDP), ``network`` (the
     ``networks.create`` name and kwargs, the format ``distill.load_teacher`` reads), ``distiller`` (connectors),
     ``optimizer``, ``lr_scheduler``, ``trainer`` (ignite state: epoch, iteration), ``epoch``, ``best_metric``,
     ``best_epoch``, ``settings`` (network name/kwargs and preprocessing) and ``splits_sha256``. Next to them:
@@ -494,6 +496,7 @@ class TrainCheckpointer:
         distiller: the KD connectors module, or None.
         evaluator: the validation engine whose ``key_metric`` selects ``best.pt``.
         key_metric: metric name in ``evaluator.state.metrics``.
+        tie_metric: second metric that breaks ties of ``key_metric`` (None: ties keep the earlier checkpoint).
         resume: load ``last.pt`` on start.
         splits_file: split JSON copied next to the checkpoints.
         settings: network and preprocessing settings stored in each checkpoint and in ``settings.json``.
@@ -508,16 +511,17 @@ class TrainCheckpointer:
         distiller: torch.nn.Module | None = None,
         evaluator: Engine | None = None,
         key_metric: str = "dsc_tumor",
+        tie_metric: str | None = None,
         resume: bool = False,
         splits_file: str | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.network, self.optimizer, self.lr_scheduler, self.distiller = network, optimizer, lr_scheduler, distiller
-        self.evaluator, self.key_metric = evaluator, key_metric
+        self.evaluator, self.key_metric, self.tie_metric = evaluator, key_metric, tie_metric or None
         self.resume, self.splits_file = as_bool(resume), splits_file
         self.settings = _plain(dict(settings or {}))
-        self.best_metric, self.best_epoch = -math.inf, 0
+        self.best_metric, self.best_tie, self.best_epoch = -math.inf, -math.inf, 0
         self._trainer: Engine | None = None
 
     @property
@@ -554,6 +558,7 @@ class TrainCheckpointer:
             "trainer": {"epoch": engine.state.epoch, "max_epochs": engine.state.max_epochs, "epoch_length": engine.state.epoch_length},
             "epoch": engine.state.epoch,
             "best_metric": self.best_metric,
+            "best_tie_metric": self.best_tie,
             "best_epoch": self.best_epoch,
             "settings": self.settings,
             "splits_sha256": file_sha256(self.splits_file) if self.splits_file else "",
@@ -576,6 +581,7 @@ class TrainCheckpointer:
             engine.state.iteration = int(ckpt["epoch"]) * int(engine.state.epoch_length or 0)
             engine.state.max_epochs = max_epochs
             self.best_metric, self.best_epoch = float(ckpt.get("best_metric", -math.inf)), int(ckpt.get("best_epoch", 0))
+            self.best_tie = float(ckpt.get("best_tie_metric", -math.inf))
             logger.info("resumed from %s at epoch %d (best %s at epoch %d)", self.last_path, engine.state.epoch, self.best_metric, self.best_epoch)
             if engine.state.epoch >= max_epochs:
                 logger.warning("checkpoint epoch %d >= epochs %d: nothing left to train", engine.state.epoch, max_epochs)
@@ -594,11 +600,18 @@ class TrainCheckpointer:
         if value is None or self._trainer is None:
             return
         value = float(value)
-        if not math.isnan(value) and value > self.best_metric:
-            self.best_metric, self.best_epoch = value, self._trainer.state.epoch
+        if math.isnan(value):
+            return
+        tie = -math.inf
+        if self.tie_metric is not None:
+            t = evaluator.state.metrics.get(self.tie_metric)
+            tie = -math.inf if t is None or math.isnan(float(t)) else float(t)
+        if value > self.best_metric or (value == self.best_metric and tie > self.best_tie):
+            self.best_metric, self.best_tie, self.best_epoch = value, tie, self._trainer.state.epoch
             if self._rank0():
                 atomic_torch_save(self._state(self._trainer), self.best_path)
-                logger.info("new best %s %.4f at epoch %d -> %s", self.key_metric, value, self.best_epoch, self.best_path)
+                extra = f" ({self.tie_metric} {tie:.4f})" if self.tie_metric is not None else ""
+                logger.info("new best %s %.4f%s at epoch %d -> %s", self.key_metric, value, extra, self.best_epoch, self.best_path)
 
     def __call__(self, engine: Engine) -> None:
         """Save ``last.pt`` (and ``best.pt`` when there is no evaluator yet), rank 0 only."""

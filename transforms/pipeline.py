@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from monai.transforms import (
     BorderPadd,
     Compose,
+    DeleteItemsd,
     EnsureChannelFirstd,
     LoadImaged,
     Orientationd,
@@ -16,7 +17,7 @@ from monai.transforms import (
 )
 
 from transforms.augment import build_augmentation
-from transforms.sampling import build_sampler
+from transforms.sampling import INDICES_POSTFIX, build_class_indexer, build_sampler
 from transforms.stack import StackSlicesd, check_num_slices
 from transforms.window import TASK_WINDOWS, HUWindowd, resolve_window
 
@@ -75,7 +76,8 @@ def build_transforms(
     Deterministic part (the same for every stage, and what ``CacheDataset`` caches: it stops at the first random
     transform, or at :class:`CacheBoundary`): ``LoadImaged -> EnsureChannelFirstd -> Orientationd("RAS") ->
     [Spacingd(pixdim)] -> HUWindowd -> [Resized to in_plane_size]`` (+ for training only: edge-replicating pad of
-    k//2 slices at both ends in 2.5D, and a pad up to the crop size). The cache thus holds one (1, H, W, D) image and
+    k//2 slices at both ends in 2.5D, a pad up to the crop size, and the per-class voxel indices the crop sampler
+    draws centres from, so no epoch re-scans a volume). The cache thus holds one (1, H, W, D) image and
     label per case at every stage (2.5D val/infer stack the slices after the cache). After orientation the axial axis
     is the LAST one, whatever the file stored (KiTS19 NIfTI is I,P,L: axial first).
 
@@ -173,6 +175,9 @@ def build_transforms(
             if len(roi) != 3:
                 raise ValueError(f"3D roi_size is a patch (h, w, d), got {tuple(roi)!r}")
         ops.append(SpatialPadd(keys=keys, spatial_size=roi, mode="constant"))
+        # class indices are computed once, on the padded array the sampler crops, and cached with it
+        indices_key = label_key + INDICES_POSTFIX
+        ops.append(build_class_indexer(num_classes, label_key=label_key))
         ops.append(
             build_sampler(
                 roi,
@@ -182,8 +187,10 @@ def build_transforms(
                 num_classes=num_classes,
                 keys=keys,
                 label_key=label_key,
+                indices_key=indices_key,
             )
         )
+        ops.append(DeleteItemsd(keys=indices_key))  # volume-level indices are meaningless on a crop (and do not collate)
         if spatial_dims == 2:
             ops.append(StackSlicesd(keys=image_key, num_slices=k, mode="crop", label_key=label_key))
         ops.append(

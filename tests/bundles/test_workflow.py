@@ -148,3 +148,28 @@ def test_mlflow_helpers(tmp_path):
     f.write_text("{}")
     p = run_params({"role": "hlfd", "in_plane_size": [64, 64]}, f)
     assert p["in_plane_size"] == "[64, 64]" and p["splits_sha256"] == file_sha256(f) and len(p["splits_sha256"]) == 64
+
+
+def test_checkpointer_breaks_tumor_dsc_ties_with_organ_dsc(tmp_path):
+    """Validations (tumor, organ): (0, .2) -> (0, .7) -> (0, .5) -> (.3, .1): best.pt follows epochs 1, 2, 2, 4."""
+    from types import SimpleNamespace
+
+    from pipelines.workflow import TrainCheckpointer
+
+    net = torch.nn.Linear(2, 2)
+    ckpt = TrainCheckpointer(str(tmp_path), net, key_metric="dsc_tumor", tie_metric="dsc_organ")
+    trainer = SimpleNamespace(state=SimpleNamespace(epoch=0, max_epochs=4, epoch_length=1))
+    ckpt._trainer = trainer
+    best_epochs = []
+    for epoch, (tumor, organ) in enumerate([(0.0, 0.2), (0.0, 0.7), (0.0, 0.5), (0.3, 0.1)], start=1):
+        trainer.state.epoch = epoch
+        ckpt._validated(SimpleNamespace(state=SimpleNamespace(metrics={"dsc_tumor": tumor, "dsc_organ": organ})))
+        best_epochs.append(torch.load(tmp_path / "best.pt", weights_only=False)["best_epoch"])
+    assert best_epochs == [1, 2, 2, 4]
+    # without a tie metric the first of equal values is kept
+    plain = TrainCheckpointer(str(tmp_path / "plain"), net, key_metric="dsc_tumor")
+    plain._trainer = trainer
+    for epoch, organ in ((1, 0.2), (2, 0.9)):
+        trainer.state.epoch = epoch
+        plain._validated(SimpleNamespace(state=SimpleNamespace(metrics={"dsc_tumor": 0.0, "dsc_organ": organ})))
+    assert plain.best_epoch == 1

@@ -157,6 +157,19 @@ def test_train_2p5d_crops_are_neighbour_slabs_with_centre_label(ras_case):
     assert np.isin(centres, (3, 4)).mean() >= 0.3  # tumor share 0.5 (+ some background on those slices)
 
 
+def test_train_cache_holds_the_class_indices_so_no_draw_rescans_the_volume(ras_case):
+    from monai.data import CacheDataset
+
+    tr = build_transforms("train", spatial_dims=2, num_slices=3, in_plane_size=(24, 24), num_samples=4)
+    ds = CacheDataset([_files(ras_case)], transform=tr, cache_rate=1.0, num_workers=0, progress=False)
+    cached = ds._cache[0]
+    assert "label_cls_indices" in cached
+    padded = cached["label"][0].numpy().ravel()
+    for c, idx in enumerate(cached["label_cls_indices"]):
+        assert len(idx) > 0 and (padded[np.asarray(idx)] == c).all()
+    assert all(set(crop) == {"image", "label"} for crop in ds[0])
+
+
 def test_train_2p5d_augmented_labels_stay_integer(ras_case):
     tr = build_transforms("train", spatial_dims=2, num_slices=5, num_samples=6, rotate_prob=1.0, flip_prob=0.5)
     tr.set_random_state(seed=1)

@@ -8,7 +8,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import RandFlipd, RandGaussianNoised, RandRotated
 
-from transforms import build_augmentation, build_sampler, class_ratios
+from transforms import build_augmentation, build_class_indexer, build_sampler, class_ratios
 
 H, W, D = 16, 16, 20
 TUMOR_SLICES = (5, 6)
@@ -64,6 +64,32 @@ def test_sampler_tumor_share_one_only_tumor_slices():
     for crop in sampler(_labelled_volume()):
         assert tuple(crop["image"].shape) == (1, 8, 8, 5)
         assert (crop["label"][0, ..., 2] == 2).any()
+
+
+def test_class_indexer_keeps_evenly_spread_indices_of_each_class():
+    data = build_class_indexer(3, max_per_class=40)(_labelled_volume())
+    lab = _labelled_volume()["label"][0].numpy()
+    flat = lab.ravel()
+    indices = data["label_cls_indices"]
+    assert len(indices) == 3
+    for c, idx in enumerate(indices):
+        idx = np.asarray(idx)
+        assert 0 < len(idx) <= 40
+        assert (flat[idx] == c).all()  # every kept index points at a voxel of its class
+    # tumor (3*3*2 = 18 voxels < 40) is kept whole; organ (8*8*5 = 320) subsampled over all five organ slices
+    assert len(indices[2]) == 18
+    organ_z = np.unravel_index(np.asarray(indices[1]), lab.shape)[2]
+    assert set(organ_z.tolist()) == set(range(10, 15))
+    with pytest.raises(ValueError, match="max_per_class"):
+        build_class_indexer(3, max_per_class=0)
+
+
+def test_sampler_with_cached_indices_centres_on_the_indexed_classes():
+    data = build_class_indexer(3, max_per_class=40)(_labelled_volume())
+    sampler = build_sampler((8, 8, 3), 60, tumor_share=1.0, organ_share=0.0, indices_key="label_cls_indices")
+    sampler.set_random_state(seed=2)
+    for crop in sampler(data):
+        assert (crop["label"][0, ..., 1] == 2).any()  # centre slice holds tumor
 
 
 def test_sampler_validation():
