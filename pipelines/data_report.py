@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import statistics
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipelines.benchmark_cli import add_benchmark_args, apply_benchmark_args, emit_report
 
 __all__ = ["data_report", "format_report", "main"]
 
@@ -210,15 +211,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--in-plane-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
     parser.add_argument("--no-resize", action="store_true", help="keep the in-plane size (no resize before caching)")
     parser.add_argument("--pixdim", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"))
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    add_benchmark_args(parser)
     args = parser.parse_args(argv)
-    if args.json is not None and not args.json.parent.is_dir():
-        parser.error(f"--json: folder {args.json.parent} does not exist")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_benchmark_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         report = data_report(
@@ -234,10 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     except ValueError as err:
         parser.error(str(err))
-    print(format_report(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"JSON report written to {args.json}")
+    emit_report(format_report(report), report, args.json)
     return report
 
 

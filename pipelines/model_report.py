@@ -15,19 +15,18 @@ cores can be an order of magnitude slower.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import networks
+from pipelines.benchmark_cli import add_benchmark_args, apply_benchmark_args, emit_report
 
 __all__ = ["model_report", "format_report", "main"]
 
@@ -161,18 +160,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", type=int, default=10, help="timed forwards (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up forwards (default 3)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--parallel-streams", action="store_true", help="TransFuse: branches on two CUDA streams")
-    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    add_benchmark_args(parser)
     args = parser.parse_args(argv)
     if len(args.size) not in (2, 3):
         parser.error(f"--size needs 2 (H W) or 3 (H W D) values, got {args.size}")
-    if args.json is not None and not args.json.parent.is_dir():
-        parser.error(f"--json: folder {args.json.parent} does not exist")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_benchmark_args(parser, args)
     extra = {"parallel_streams": True} if args.parallel_streams else {}
     if extra and not args.name.startswith("transfuse"):
         parser.error("--parallel-streams applies to transfuse_s / transfuse_l only")
@@ -190,10 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     except ValueError as err:
         parser.error(str(err))
-    print(format_report(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"JSON report written to {args.json}")
+    emit_report(format_report(report), report, args.json)
     return report
 
 
