@@ -265,7 +265,7 @@ def format_table(results: Sequence[MethodResult]) -> str:
         mean, sd, m, better = paired_difference(kd.cases_csv, plain.cases_csv)
         if m:
             lines.append(
-                f"HLFD - no KD, tumor DSC paired over the same {m} volumes: {mean:+.3f} (sd {sd:.3f}); HLFD higher on "
+                f"HLFD - no KD, tumor DSC paired over the same {m} volumes: {mean:+.3f} (sd {'n/a' if math.isnan(sd) else f'{sd:.3f}'}); HLFD higher on "
                 f"{better} of {m}. One seed on a small synthetic cohort: a difference within its sd is noise."
             )
     return "\n".join(lines)

@@ -7,7 +7,12 @@ RescaleSlope/RescaleIntercept (int16 when integral, else float32); compressed tr
 JPEG-LS, RLE, ...) are decoded by pydicom's pixel handlers (pylibjpeg). The affine follows the dcm2niix convention:
 array axes (column, row flipped, slice), axial axis last, DICOM LPS converted to NIfTI RAS.
 
-Skipped with a warning: localizers, multi-frame files and images without position/orientation (secondary
+Enhanced (multi-frame) CT files are read frame by frame: each frame's position, orientation, pixel spacing and
+rescale come from its PerFrameFunctionalGroupsSequence item, else from the SharedFunctionalGroupsSequence, else from
+the top-level attributes; frames then join the series like single-frame slices (ordered by position, checked for
+gaps), and the file is decoded once.
+
+Skipped with a warning: localizers, images (or multi-frame files) without position/orientation (secondary
 captures). Errors (nothing is written): gaps or uneven steps in slice positions (a step deviating more than 10 % from the
 median), duplicate positions, mixed orientations or matrix sizes within a series. Warning: Modality other than CT.
 Only geometry, the series number/description and a short hash of the series UID are used for outputs and logs.
@@ -51,6 +56,7 @@ class _Slice:
     spacing: tuple[float, float]  # PixelSpacing (row spacing, column spacing)
     shape: tuple[int, int]  # (Rows, Columns)
     rescale: tuple[float, float]  # (RescaleSlope, RescaleIntercept)
+    frame: int | None = None  # frame index in a multi-frame (enhanced) file; None: a single-frame file
 
 
 @dataclass
@@ -104,12 +110,59 @@ def _header(path: Path):
     return ds
 
 
+def _functional(ds, frame: int | None, sequence: str, attribute: str):
+    """An attribute of a multi-frame functional group: the frame's own item, else the shared one, else top level."""
+    holders = []
+    if frame is not None:
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        if per_frame is not None and frame < len(per_frame):
+            holders.append(per_frame[frame])
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        if shared:
+            holders.append(shared[0])
+    for holder in holders:
+        group = holder.get(sequence)
+        if group and attribute in group[0]:
+            return group[0].get(attribute)
+    return ds.get(attribute)
+
+
+def _image_slices(ds, path: Path) -> list[_Slice] | str:
+    """The slices of one DICOM image file (one per frame), or the reason it cannot join a volume."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    enhanced = frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
+    indices: list[int | None] = list(range(frames)) if enhanced else [None]
+    slices = []
+    for frame in indices:
+        position = _functional(ds, frame, "PlanePositionSequence", "ImagePositionPatient")
+        orientation = _functional(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = _functional(ds, frame, "PixelMeasuresSequence", "PixelSpacing")
+        if position is None or orientation is None or spacing is None:
+            where = f" (frame {frame + 1} of {frames})" if frame is not None else ""
+            return f"no ImagePositionPatient/ImageOrientationPatient/PixelSpacing{where} (secondary capture?)"
+        slope = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
+        slices.append(
+            _Slice(
+                path,
+                np.array([float(v) for v in position], dtype=np.float64),
+                np.array([float(v) for v in orientation], dtype=np.float64),
+                (float(spacing[0]), float(spacing[1])),
+                (int(ds.Rows), int(ds.Columns)),
+                (float(slope if slope not in (None, "") else 1), float(intercept if intercept not in (None, "") else 0)),
+                frame,
+            )
+        )
+    return slices
+
+
 def scan_series(src: str | Path, skipped: list[str] | None = None) -> list[SeriesInfo]:
     """Group the DICOM image files below ``src`` by series, reading headers only.
 
     Files that are not DICOM are skipped with a debug log. DICOM images that cannot form a volume are skipped with
-    a warning: localizers (ImageType LOCALIZER), multi-frame files (enhanced CT), and images without
-    ImagePositionPatient/ImageOrientationPatient/PixelSpacing (secondary captures such as dose reports).
+    a warning: localizers (ImageType LOCALIZER) and images without ImagePositionPatient/ImageOrientationPatient/
+    PixelSpacing (secondary captures such as dose reports). A multi-frame (enhanced CT) file contributes one slice per
+    frame, with the frame's functional-group geometry.
 
     Args:
         src: folder (searched recursively; any file names) or a single DICOM file.
@@ -133,10 +186,9 @@ def scan_series(src: str | Path, skipped: list[str] | None = None) -> list[Serie
         reason = None
         if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
             reason = "localizer (scout) image"
-        elif int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            reason = "multi-frame DICOM (enhanced CT) is not supported; export single-frame slices"
-        elif any(ds.get(tag) is None for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")):
-            reason = "no ImagePositionPatient/ImageOrientationPatient/PixelSpacing (secondary capture?)"
+        else:
+            found = _image_slices(ds, path)
+            reason = found if isinstance(found, str) else None
         if reason is not None:
             logger.warning("skipping %s: %s", path, reason)
             if skipped is not None:
@@ -149,16 +201,7 @@ def scan_series(src: str | Path, skipped: list[str] | None = None) -> list[Serie
         shape = (int(ds.Rows), int(ds.Columns))
         key = (uid,) if uid else ("", number, description, shape)
         series = groups.setdefault(key, SeriesInfo(uid, number, description, str(ds.get("Modality", "") or ""), []))
-        series.slices.append(
-            _Slice(
-                path,
-                np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64),
-                np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64),
-                (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
-                shape,
-                (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)),
-            )
-        )
+        series.slices.extend(found)
     return sorted(groups.values(), key=lambda s: (s.number if s.number is not None else -1, s.description, s.short_id))
 
 
@@ -241,7 +284,8 @@ def series_affine(slices: Sequence[_Slice]) -> np.ndarray:
 def _read_volume(slices: Sequence[_Slice]) -> np.ndarray:
     """HU volume (Columns, Rows, n) in the layout of :func:`series_affine`: int16 when integral, else float32.
 
-    Each file is decoded once, slice by slice, into the output array (no full-volume float copy for int16 series).
+    Each file is decoded once (a multi-frame file too: its frames are kept until the volume is filled), slice by
+    slice, into the output array (no full-volume float copy for int16 series).
     """
     import pydicom
 
@@ -249,8 +293,19 @@ def _read_volume(slices: Sequence[_Slice]) -> np.ndarray:
     integral = all(float(v).is_integer() for item in slices for v in item.rescale)
     volume = np.empty((cols, rows, len(slices)), dtype=np.int16 if integral else np.float32)
     limits = np.iinfo(np.int16)
+    multi_frame: dict[Path, np.ndarray] = {}
     for k, item in enumerate(slices):
-        pixels = pydicom.dcmread(item.path, force=True).pixel_array
+        if item.frame is None:
+            pixels = pydicom.dcmread(item.path, force=True).pixel_array
+        else:
+            if item.path not in multi_frame:
+                multi_frame[item.path] = pydicom.dcmread(item.path, force=True).pixel_array
+            frames = multi_frame[item.path]
+            if frames.ndim == 2:  # an enhanced file holding a single frame
+                frames = frames[None]
+            if frames.ndim != 3 or item.frame >= frames.shape[0]:
+                raise DicomSeriesError(f"{item.path}: pixel data of shape {frames.shape} has no frame {item.frame + 1}")
+            pixels = frames[item.frame]
         if pixels.shape != (rows, cols):
             raise DicomSeriesError(f"{item.path}: pixel data of shape {pixels.shape}, expected {(rows, cols)}")
         slope, intercept = item.rescale

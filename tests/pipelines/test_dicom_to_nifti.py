@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from pipelines.dicom_to_nifti import DicomSeriesError, convert_dicom, main
 
@@ -33,6 +33,23 @@ def _pixels(k: int) -> np.ndarray:
     """Stored values of slice k (rows, cols): distinct per row, column and slice."""
     r, c = np.mgrid[0:ROWS, 0:COLS]
     return (100 * k + 10 * r + c).astype(np.uint16)
+
+
+def _new_dataset(sop_class: str) -> Dataset:
+    """A dataset with file meta, the PHI tags and a 16-bit MONOCHROME2 ROWS x COLS image description."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    for key, value in PHI.items():
+        setattr(ds, key, value)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = ROWS, COLS
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    return ds
 
 
 def write_series(
@@ -60,15 +77,7 @@ def write_series(
     order = list(range(len(positions)))
     rng.shuffle(order)
     for k in order:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        for key, value in PHI.items():
-            setattr(ds, key, value)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds = _new_dataset(CTImageStorage)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, uid
         ds.Modality, ds.SeriesNumber, ds.SeriesDescription = modality, number, description
         ds.InstanceNumber = len(positions) - k  # deliberately opposite to the spatial order
@@ -76,9 +85,6 @@ def write_series(
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
         ds.ImagePositionPatient = [f"{v:.4f}" for v in positions[k]]
         ds.PixelSpacing = [f"{spacing[0]}", f"{spacing[1]}"]
-        ds.Rows, ds.Columns = ROWS, COLS
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept = f"{slope}", f"{intercept}"
         ds.PixelData = _pixels(k).tobytes()
         for key, value in (extra or {}).items():
@@ -237,6 +243,83 @@ def test_localizers_and_secondary_captures_are_skipped(tmp_path, caplog):
         sum("localizer (scout) image" in m for m in reasons) == 3
         and sum("secondary capture" in m for m in reasons) == 1
     )
+
+
+def write_enhanced(
+    path: Path,
+    positions: Sequence[Sequence[float]],
+    *,
+    frame_order: Sequence[int],
+    orientation: Sequence[float] = AXIAL,
+    spacing: tuple[float, float] = (0.7, 0.8),
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    per_frame_rescale: Sequence[tuple[float, float]] | None = None,
+    with_positions: bool = True,
+) -> None:
+    """One enhanced CT file: frame f holds slice ``frame_order[f]`` (``_pixels`` of it) at that slice's position."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = _new_dataset(EnhancedCTImageStorage)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.SeriesNumber, ds.SeriesDescription = "CT", 5, "Enhanced"
+    ds.NumberOfFrames = len(frame_order)
+
+    def item(**sequences):
+        group = Dataset()
+        for name, attrs in sequences.items():
+            inner = Dataset()
+            for key, value in attrs.items():
+                setattr(inner, key, value)
+            setattr(group, name, [inner])
+        return group
+
+    ds.SharedFunctionalGroupsSequence = [
+        item(
+            PlaneOrientationSequence={"ImageOrientationPatient": [f"{v:.6f}" for v in orientation]},
+            PixelMeasuresSequence={"PixelSpacing": [f"{spacing[0]}", f"{spacing[1]}"], "SliceThickness": "2.5"},
+            PixelValueTransformationSequence={"RescaleSlope": f"{slope}", "RescaleIntercept": f"{intercept}", "RescaleType": "HU"},
+        )
+    ]
+    per_frame = []
+    for k in frame_order:
+        groups = {"PlanePositionSequence": {"ImagePositionPatient": [f"{v:.4f}" for v in positions[k]]}} if with_positions else {}
+        if per_frame_rescale is not None:
+            s, i = per_frame_rescale[k]
+            groups["PixelValueTransformationSequence"] = {"RescaleSlope": f"{s}", "RescaleIntercept": f"{i}"}
+        per_frame.append(item(**groups))
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.PixelData = np.stack([_pixels(k) for k in frame_order]).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_enhanced_multi_frame_equals_the_single_frame_series(tmp_path):
+    """Frames stored out of spatial order in one enhanced file give the same voxels and affine as the same slices
+    written as a classic single-frame series."""
+    z = [12.0, 14.5, 17.0, 19.5, 22.0]
+    write_series(tmp_path / "classic", _z_positions(z), spacing=(0.7, 0.8))
+    write_enhanced(tmp_path / "enhanced" / "IM0001", _z_positions(z), frame_order=[3, 0, 4, 1, 2], spacing=(0.7, 0.8))
+    (classic,) = convert_dicom(tmp_path / "classic", tmp_path / "out_classic")
+    (enhanced,) = convert_dicom(tmp_path / "enhanced", tmp_path / "out_enhanced")
+    a, affine_a = _read(classic)
+    b, affine_b = _read(enhanced)
+    assert b.shape == (COLS, ROWS, 5) and b.dtype == np.int16
+    assert np.array_equal(a, b)
+    np.testing.assert_allclose(affine_b, affine_a, atol=1e-6)
+    assert not any(v.encode() in gzip.decompress(enhanced.read_bytes()) for v in PHI.values())
+
+
+def test_enhanced_per_frame_rescale_and_missing_positions(tmp_path, caplog):
+    z = [0.0, 3.0, 6.0]
+    rescale = [(1.0, -1024.0), (2.0, -1000.0), (1.0, -1024.0)]
+    write_enhanced(tmp_path / "src" / "mf", _z_positions(z), frame_order=[2, 1, 0], per_frame_rescale=rescale)
+    (path,) = convert_dicom(tmp_path / "src", tmp_path / "out")
+    data, _ = _read(path)
+    for k, (slope, intercept) in enumerate(rescale):
+        assert np.array_equal(data[:, :, k], (_pixels(k).astype(np.int32) * int(slope) + int(intercept))[::-1, :].T)
+    write_enhanced(tmp_path / "nopos" / "mf", _z_positions(z), frame_order=[0, 1, 2], with_positions=False)
+    with caplog.at_level(logging.WARNING, logger="pipelines.dicom_to_nifti"), pytest.raises(ValueError, match="no DICOM image series"):
+        convert_dicom(tmp_path / "nopos", tmp_path / "out2")
+    assert any("frame 1 of 3" in r.getMessage() for r in caplog.records)
 
 
 def test_no_dicom_found(tmp_path):
