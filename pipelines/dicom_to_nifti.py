@@ -12,6 +12,9 @@ rescale come from its PerFrameFunctionalGroupsSequence item, else from the Share
 the top-level attributes; frames then join the series like single-frame slices (ordered by position, checked for
 gaps), and the file is decoded once.
 
+Gantry-tilted series (slices stacked off their normal) keep their sheared affine, with a warning giving the tilt: the
+voxels stay the acquired slices and their world coordinates stay exact; nothing is resampled.
+
 Skipped with a warning: localizers, images (or multi-frame files) without position/orientation (secondary
 captures). Errors (nothing is written): gaps or uneven steps in slice positions (a step deviating more than 10 % from the
 median), duplicate positions, mixed orientations or matrix sizes within a series. Warning: Modality other than CT.
@@ -34,12 +37,14 @@ import numpy as np
 
 from pipelines.data import save_nifti
 
-__all__ = ["GAP_TOLERANCE", "SeriesInfo", "DicomSeriesError", "scan_series", "series_affine", "convert_dicom", "main"]
+__all__ = ["GAP_TOLERANCE", "TILT_WARN_DEGREES", "gantry_tilt_degrees", "SeriesInfo", "DicomSeriesError", "scan_series", "series_affine", "convert_dicom", "main"]
 
 logger = logging.getLogger(__name__)
 
 #: Largest relative deviation of a slice step from the median step before it counts as a gap.
 GAP_TOLERANCE = 0.10
+#: Stacking directions further than this from the slice normal are reported as gantry tilt (sheared affine).
+TILT_WARN_DEGREES = 0.5
 _ORIENTATION_TOL = 1e-4
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -255,6 +260,25 @@ def _validate(series: SeriesInfo) -> tuple[list[_Slice], list[str]]:
     return slices, problems
 
 
+def gantry_tilt_degrees(slices: Sequence[_Slice]) -> float:
+    """Angle between the slice stacking direction (first to last ImagePositionPatient) and the slice normal.
+
+    0 for an ordinary series; a gantry-tilted acquisition stacks its slices off the normal, which makes the affine of
+    :func:`series_affine` sheared.
+
+    Returns:
+        Degrees (0 for fewer than two slices).
+    """
+    if len(slices) < 2:
+        return 0.0
+    step = slices[-1].position - slices[0].position
+    norm = float(np.linalg.norm(step))
+    if norm == 0.0:
+        return 0.0
+    cosine = abs(float(step @ _normal(slices[0].orientation))) / norm
+    return float(np.degrees(np.arccos(min(1.0, cosine))))
+
+
 def series_affine(slices: Sequence[_Slice]) -> np.ndarray:
     """NIfTI (RAS) affine of ordered slices for the array layout (column, row flipped, slice), as dcm2niix writes it.
 
@@ -357,6 +381,14 @@ def convert_dicom(src: str | Path, out: str | Path, series_uid: str | None = Non
         slices, found = _validate(series)
         ordered.append(slices)
         problems.extend(found)
+        tilt = gantry_tilt_degrees(slices) if not found else 0.0
+        if tilt > TILT_WARN_DEGREES:
+            logger.warning(
+                "%s: slices are stacked %.1f degrees off their normal (gantry tilt): the NIfTI affine is sheared and "
+                "kept as acquired, not resampled; 2.5D slices stay the acquired slices, world coordinates stay exact",
+                series.name,
+                tilt,
+            )
         if series.modality.upper() != "CT":
             logger.warning("%s: Modality is %r, not CT: HU windows may not apply", series.name, series.modality)
     if problems:

@@ -148,6 +148,28 @@ def test_world_coordinates_of_an_oblique_series(tmp_path):
         assert data[i, j, k] == int(_pixels(slice_index)[r, c]) - 1024
 
 
+def test_gantry_tilt_is_reported_and_the_sheared_affine_keeps_world_coordinates(tmp_path, caplog):
+    tilt = 15.0
+    # axial slices 2.5 mm apart along z, each shifted 2.5 * tan(15 deg) mm along y (LPS): the gantry-tilt geometry
+    positions = [[-40.0, -30.0 + 2.5 * k * np.tan(np.deg2rad(tilt)), 2.5 * k] for k in range(4)]
+    write_series(tmp_path / "src", positions)
+    with caplog.at_level(logging.WARNING, logger="pipelines.dicom_to_nifti"):
+        (path,) = convert_dicom(tmp_path / "src", tmp_path / "out")
+    assert any("15.0 degrees off their normal" in r.getMessage() for r in caplog.records)
+    data, affine = _read(path)
+    for i, j, k in [(0, 0, 0), (9, 11, 3), (4, 5, 2)]:
+        r, c = ROWS - 1 - j, i
+        lps = np.array(positions[k]) + c * 0.8 * np.array([1.0, 0, 0]) + r * 0.7 * np.array([0, 1.0, 0])
+        np.testing.assert_allclose((affine @ [i, j, k, 1])[:3], lps * np.array([-1, -1, 1]), atol=1e-3)
+        assert data[i, j, k] == int(_pixels(k)[r, c]) - 1024
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines.dicom_to_nifti"):
+        convert_dicom(tmp_path / "src", tmp_path / "out_again")
+        write_series(tmp_path / "straight", _z_positions([0, 2.5, 5.0]))
+        convert_dicom(tmp_path / "straight", tmp_path / "out_straight")
+    assert sum("off their normal" in r.getMessage() for r in caplog.records) == 1  # the tilted series only
+
+
 def test_two_series_one_folder_and_series_selection(tmp_path, capsys):
     src = tmp_path / "src"
     uid_a = write_series(src, _z_positions([0, 2, 4]), number=2, description="A", seed=1)
