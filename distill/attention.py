@@ -1,8 +1,13 @@
 """Attention maps of feature tensors (Zagoruyko & Komodakis, ICLR 2017), as HLFD (Gorade et al., ISBI 2024, Eq. 1-2) uses them.
 
-``A(z)`` is the mean over channels of ``|z|^p``, flattened over the spatial axes and L2-normalised. The student map is
-resized (bilinear in 2D, trilinear in 3D) to the teacher map's spatial size before it is normalised; the distance is
-the squared L2 norm of the difference, summed over positions and averaged over the batch.
+``A(z)`` is the mean over channels of ``|z|^p``, flattened over the spatial axes and L2-normalised. Where the student
+and teacher sizes differ, the student's REPRESENTATION ``z`` is rescaled (bilinear in 2D, trilinear in 3D) to the
+teacher's spatial size first and the attention map is built from the rescaled representation, as the paper states
+("operation A(.) is employed first to rescale the student's representation z_early^s to match the spatial dimension
+of the teacher's z_mid^t", Sec. 2) and as the authors' ``importance_maps_distillation`` does (interpolate ``s``,
+then ``at(s)``). Resizing the map after the channel mean is NOT equivalent (``|.|^p`` does not commute with
+interpolation). The distance is the squared L2 norm of the difference, summed over positions and averaged over the
+batch (the authors' ``sum(dim=1).mean()``).
 """
 
 from __future__ import annotations
@@ -54,24 +59,24 @@ def spatial_attention(z: torch.Tensor, p: float = 4.0) -> torch.Tensor:
 
 
 def attention_map(z: torch.Tensor, p: float = 4.0, size: Sequence[int] | None = None) -> torch.Tensor:
-    """``A(z)``: channel-mean of ``|z|^p``, optionally resized to ``size``, flattened and L2-normalised.
+    """``A(z)``: the representation optionally rescaled to ``size``, then channel-mean of ``|z|^p``, flattened and
+    L2-normalised (HLFD Eq. 1-2: rescale first, attention of the rescaled representation).
 
     Args:
         z: features ``(B, C, *spatial)`` (2D or 3D).
         p: exponent.
-        size: spatial size to resize the map to (the teacher's size for a student map), or None.
+        size: spatial size to rescale the representation to (the teacher's size for a student map), or None.
 
     Returns:
-        ``(B, N)`` with unit L2 norm per sample, ``N`` the number of positions.
+        ``(B, N)`` with unit L2 norm per sample, ``N`` the number of positions (of ``size`` when given).
     """
-    a = spatial_attention(z, p)
     if size is not None:
-        a = resize_to(a, size)
-    return F.normalize(a.flatten(1), p=2, dim=1)
+        z = resize_to(z, size)
+    return F.normalize(spatial_attention(z, p).flatten(1), p=2, dim=1)
 
 
 def attention_distance(student: torch.Tensor, teacher: torch.Tensor, p: float = 4.0) -> torch.Tensor:
-    """``mean_b sum_n (A(s)_bn - A(t)_bn)^2`` with the student map resized to the teacher's spatial size.
+    """``mean_b sum_n (A(s)_bn - A(t)_bn)^2`` with the student representation rescaled to the teacher's spatial size.
 
     Args:
         student: ``(B, Cs, *spatial_s)``.

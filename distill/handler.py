@@ -116,12 +116,28 @@ class DistillationHandler:
         return dist.is_available() and dist.is_initialized()
 
     def _sync_connector_grads(self, engine: Engine) -> None:
-        if self._distributed():
-            world = dist.get_world_size()
-            for p in self.distiller.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+        """Average the connectors' gradients across ranks with ONE all-reduce of a flat buffer per step.
+
+        DDP reduces the student's gradients itself; the connectors live outside the DDP-wrapped student, so this
+        handler is their only reducer (no other handler may all-reduce them again). Parameters without a gradient
+        this step contribute zeros, so every rank issues the same collective.
+        """
+        if not self._distributed() or dist.get_world_size() == 1:
+            return
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        if not params:
+            return
+        had = [p.grad is not None for p in params]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p, local in zip(params, had):
+            n = p.numel()
+            g = flat[offset : offset + n].view_as(p)
+            offset += n
+            if local or bool(g.any()):  # a parameter no rank used keeps grad None (the optimiser skips it)
+                p.grad = g.clone()
 
     def _open(self, engine: Engine) -> None:
         if self.distiller.student_capture is not None:

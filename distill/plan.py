@@ -155,6 +155,31 @@ def _side(
     return out
 
 
+def _check_trained_heads(teacher: nn.Module, roles: Mapping[str, Role], chosen: Mapping[str, tuple[Tap, ...]]) -> None:
+    """Refuse teacher prediction taps that never received a training loss (see ``TapNetwork.supervised_taps``)."""
+    supervised = getattr(teacher, "supervised_taps", None)
+    if not callable(supervised):
+        return
+    trained = set(supervised()) | {OUTPUT_PATH}
+    for role, spec in roles.items():
+        if not spec.logits:
+            continue
+        untrained = [t.path for t in chosen[role] if t.path not in trained]
+        if untrained:
+            hint = ""
+            if getattr(teacher, "deep_supervision", True) is False:
+                hint = (
+                    f" The {type(teacher).__name__} teacher was trained without deep supervision "
+                    "(its checkpoint's network kwargs say deep_supervision=False), so these heads never received a "
+                    "gradient and still hold their random initialisation. Retrain the teacher with deep supervision "
+                    "(bundles/unetpp_teacher does by default: --deep_supervision true)."
+                )
+            raise ValueError(
+                f"teacher role {role!r} reads prediction heads {untrained} that were not trained; trained heads: "
+                f"{sorted(trained - {OUTPUT_PATH})}.{hint} Or override teacher_taps={{'{role}': [...]}} with trained heads."
+            )
+
+
 def build_plan(
     student: nn.Module,
     teacher: nn.Module,
@@ -178,7 +203,8 @@ def build_plan(
 
     Raises:
         ValueError: different spatial dims or class counts, unknown role or tap names, wrong tap counts,
-            logits with the wrong channels, paired roles of different lengths.
+            logits with the wrong channels, paired roles of different lengths, teacher prediction roles on heads
+            that were never trained (``TapNetwork.supervised_taps``; e.g. UNet++ built without deep supervision).
     """
     s_net, t_net = unwrap(student), unwrap(teacher)
     s_taps, t_taps = network_taps(s_net), network_taps(t_net)
@@ -194,6 +220,7 @@ def build_plan(
         spatial_dims=int(s_net.spatial_dims),
     )
     plan.teacher = _side("teacher", teacher_roles, t_taps, teacher_taps, k, other=plan.student)
+    _check_trained_heads(t_net, teacher_roles, plan.teacher)
     for side, roles, other in (("student", student_roles, plan.teacher), ("teacher", teacher_roles, plan.student)):
         mine = plan.student if side == "student" else plan.teacher
         for role, spec in roles.items():

@@ -7,7 +7,10 @@
   ``w = 1 + 5 |avgpool_31(mask) - mask|``, weighted BCE + weighted IoU, per channel of sigmoid logits.
 
 Both accept a tensor or a deep-supervision tuple/list whose first element is the final map (TransFuse returns
-``(final, transformer, f0)``); the tuple's losses are combined with ``ds_weights`` (default 0.5 / 0.3 / 0.2 as TransFuse).
+``(final, transformer, f0)``, UNet++ with deep supervision ``(final, head1, ..., head{L-2})``); the tuple's losses are
+combined with ``ds_weights``: explicit weights (the bundles pass the network's own ``ds_weights``, sized to its head
+count: 0.5 / 0.3 / 0.2 for TransFuse, ``1 / (L - 1)`` each for UNet++), or None for equal weights over however many
+outputs arrive.
 Maps whose spatial size differs from the label's are resized (bilinear/trilinear) to it.
 """
 
@@ -21,14 +24,15 @@ from monai.losses import DiceFocalLoss, FocalLoss
 from torch import nn
 
 from distill.attention import resize_to
+from networks.transfuse import TRANSFUSE_DS_WEIGHTS
 
 __all__ = ["TRANSFUSE_DS_WEIGHTS", "deep_supervision_loss", "SegLoss", "structure_loss", "StructureLoss"]
 
-#: TransFuse deep-supervision weights for (final head, transformer head, f0 head)
-TRANSFUSE_DS_WEIGHTS = (0.5, 0.3, 0.2)
-
-
-def _check_ds_weights(ds_weights: Sequence[float]) -> tuple[float, ...]:
+def _check_ds_weights(ds_weights: Sequence[float] | None) -> tuple[float, ...] | None:
+    if ds_weights is None:
+        return None
+    if isinstance(ds_weights, (str, bytes)) or not isinstance(ds_weights, Sequence):
+        raise TypeError(f"ds_weights must be a sequence of floats or None, got {ds_weights!r}.")
     w = tuple(float(x) for x in ds_weights)
     if not w or any(x < 0 for x in w):
         raise ValueError(f"ds_weights must be a non-empty sequence of weights >= 0, got {ds_weights!r}.")
@@ -39,16 +43,26 @@ def deep_supervision_loss(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     pred: torch.Tensor | Sequence[torch.Tensor],
     target: torch.Tensor,
-    ds_weights: Sequence[float],
+    ds_weights: Sequence[float] | None,
 ) -> torch.Tensor:
     """``loss_fn(pred, target)`` for a tensor; ``sum_i w_i loss_fn(pred_i, target)`` for a tuple/list.
 
+    Args:
+        loss_fn: ``(pred (B, K, *S), target (B, 1, *S)) -> scalar``.
+        pred: logits or a deep-supervision tuple (first = final map).
+        target: labels.
+        ds_weights: one weight per tuple element, or None for ``1 / n`` each.
+
     Raises:
-        ValueError: a tuple whose length differs from ``ds_weights``.
+        ValueError: a tuple whose length differs from ``ds_weights``, or an empty tuple.
     """
     if isinstance(pred, torch.Tensor):
         return loss_fn(resize_to(pred, target.shape[2:]), target)
     preds = list(pred)
+    if not preds:
+        raise ValueError("Got an empty deep-supervision tuple.")
+    if ds_weights is None:
+        ds_weights = [1.0 / len(preds)] * len(preds)
     if len(preds) != len(ds_weights):
         raise ValueError(f"Got {len(preds)} deep-supervision outputs but {len(ds_weights)} ds_weights {tuple(ds_weights)}.")
     return sum(w * loss_fn(resize_to(p, target.shape[2:]), target) for w, p in zip(ds_weights, preds))
@@ -62,10 +76,14 @@ class SegLoss(nn.Module):
         lambda_focal: focal weight.
         gamma: focal gamma.
         include_background: include class 0 in the Dice/focal terms.
-        ds_weights: weights of a deep-supervision tuple (first = final map).
+        ds_weights: weights of a deep-supervision tuple (first = final map), sized to the network's head count
+            (``network.ds_weights``); None: ``1 / n`` each for a tuple of ``n`` outputs.
 
     Forward:
         pred ``(B, K, *S)`` logits or a tuple of them; target ``(B, 1, *S)`` integer labels -> scalar.
+
+    Raises:
+        ValueError: negative or empty ``ds_weights``; a tuple whose length differs from them (at forward).
     """
 
     def __init__(
@@ -74,7 +92,7 @@ class SegLoss(nn.Module):
         lambda_focal: float = 1.0,
         gamma: float = 2.0,
         include_background: bool = True,
-        ds_weights: Sequence[float] = TRANSFUSE_DS_WEIGHTS,
+        ds_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.ds_weights = _check_ds_weights(ds_weights)

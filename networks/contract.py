@@ -113,6 +113,24 @@ class TapNetwork(nn.Module):
         """Return this network's taps. Raises NotImplementedError in the base class."""
         raise NotImplementedError(f"{type(self).__name__} must implement feature_contract().")
 
+    def supervised_taps(self) -> frozenset[str]:
+        """Module paths of the prediction heads that receive a training loss (their logits are meaningful).
+
+        By default every declared prediction tap (``pred_mid`` and ``pred_final``): the network's training forward
+        returns all of them to the loss. Networks whose intermediate heads are only supervised in some
+        configurations (UNet++ without deep supervision) override this. Distillation methods that read a teacher's
+        intermediate predictions refuse heads outside this set (``distill.plan.build_plan``): an untrained head is a
+        fixed random projection, not knowledge.
+        """
+        c = self.feature_contract()
+        return frozenset(t.path for t in (*c.pred_mid, *((c.pred_final,) if c.pred_final is not None else ())))
+
+    @property
+    def ds_weights(self) -> tuple[float, ...] | None:
+        """Deep-supervision loss weights of the training-mode output tuple (first = final map), or None when the
+        training forward returns one tensor. Sized to the network's head count; the bundles pass it to the loss."""
+        return None
+
     def check_input_size(self, spatial_size: Sequence[int]) -> None:
         """Raise ValueError naming the nearest valid size when a spatial size is not divisible by ``size_divisor``."""
         d = self.size_divisor

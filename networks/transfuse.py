@@ -28,6 +28,7 @@ from networks.vit import VisionTransformerEncoder, to_2tuple
 from networks.weights import LoadReport, Source, load_deit_weights, load_resnet_weights
 
 __all__ = [
+    "TRANSFUSE_DS_WEIGHTS",
     "TransFuse",
     "transfuse_s",
     "transfuse_l",
@@ -247,6 +248,10 @@ class SegHead(nn.Sequential):
         super().__init__(*layers)
 
 
+#: TransFuse deep-supervision weights for its training outputs (final head, transformer head, f0 head)
+TRANSFUSE_DS_WEIGHTS: tuple[float, float, float] = (0.5, 0.3, 0.2)
+
+
 class TransFuse(TapNetwork):
     """TransFuse (2D): parallel CNN and ViT branches, BiFusion at H/16, H/8, H/4, gated up path, three heads.
 
@@ -418,6 +423,11 @@ class TransFuse(TapNetwork):
         if vit is not None:
             reports["vit"] = load_deit_weights(self.transformer, vit)
         return reports
+
+    @property
+    def ds_weights(self) -> tuple[float, ...]:
+        """Deep-supervision weights of ``(final, transformer, f0)``: ``TRANSFUSE_DS_WEIGHTS`` (0.5 / 0.3 / 0.2)."""
+        return TRANSFUSE_DS_WEIGHTS
 
     def feature_contract(self) -> FeatureContract:
         """Taps of TransFuse (see the class docstring)."""

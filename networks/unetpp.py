@@ -128,6 +128,25 @@ class UNetPlusPlus(TapNetwork):
             return (preds[-1], *preds[:-1])
         return preds[-1]
 
+    @property
+    def ds_weights(self) -> tuple[float, ...] | None:
+        """Equal weights ``1 / (L - 1)`` for the ``L - 1`` heads with deep supervision (Zhou et al. average the
+        losses of all nested outputs), None without (the training forward returns the final map only)."""
+        if not self.deep_supervision:
+            return None
+        n = self.levels - 1
+        return tuple(1.0 / n for _ in range(n))
+
+    def supervised_taps(self) -> frozenset[str]:
+        """Heads that receive a loss: all ``head1 .. head{L-1}`` with deep supervision, only the final one without.
+
+        Without deep supervision ``head1 .. head{L-2}`` run in every forward but never get a gradient: their
+        logits stay at their random initialisation.
+        """
+        if self.deep_supervision:
+            return frozenset(f"head{j}" for j in range(1, self.levels))
+        return frozenset({f"head{self.levels - 1}"})
+
     def feature_contract(self) -> FeatureContract:
         """Taps of this UNet++ (see the class docstring)."""
         f, levels = self.features, self.levels

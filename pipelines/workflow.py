@@ -46,7 +46,6 @@ __all__ = [
     "loss_of",
     "SaveOnIteration",
     "sidecar",
-    "AllReduceGradients",
     "volumes_per_batch",
     "simple_inferer",
 ]
@@ -710,39 +709,6 @@ class SaveOnIteration:
 def sidecar(checkpoint: str | os.PathLike, name: str) -> str:
     """Path of a file saved next to a checkpoint (``splits.json``, ``settings.json``)."""
     return str(Path(checkpoint).parent / name)
-
-
-class AllReduceGradients:
-    """Average the gradients of a module that is not wrapped in DDP (the distiller's connectors) across ranks.
-
-    Attached to ``IterationEvents.BACKWARD_COMPLETED`` of a MONAI ``SupervisedTrainer`` (after ``backward``,
-    before ``optimizer.step``). A no-op for ``module=None`` or outside a process group.
-
-    Args:
-        module: the module whose parameter gradients are averaged.
-    """
-
-    def __init__(self, module: torch.nn.Module | None) -> None:
-        self.module = module
-
-    def attach(self, engine: Engine) -> None:
-        """Register on BACKWARD_COMPLETED."""
-        from monai.engines.utils import IterationEvents
-
-        if self.module is not None:
-            engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        """All-reduce (mean) every gradient of the module."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        world = dist.get_world_size()
-        for p in self.module.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= world
 
 
 def volumes_per_batch(batch_size: int, samples_per_volume: int) -> int:

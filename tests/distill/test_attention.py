@@ -51,3 +51,17 @@ def test_resize_matches_numpy_and_rejects_bad_sizes():
         resize_to(torch.zeros(1, 1, 4, 4), (4, 4, 4))
     with pytest.raises(ValueError, match="Cannot compare"):
         attention_distance(torch.zeros(2, 1, 4, 4), torch.zeros(3, 1, 4, 4))
+
+
+def test_representation_is_rescaled_before_the_attention_map_by_hand():
+    """HLFD Eq. 1: rescale the student's representation to the teacher's size, THEN take |z|^p (worked by hand).
+
+    Student z = [1, -1, 2, 2] along one axis, rescaled (bilinear, align_corners=False) from 4 to 2 positions:
+    [(1 - 1) / 2, (2 + 2) / 2] = [0, 2]; p = 2 -> [0, 4] -> unit vector [0, 1]. The teacher [0, 3] gives [0, 9] ->
+    [0, 1], so the paper's distance is 0. Resizing the map instead ([1, 1, 4, 4] -> [1, 4]) would give
+    (1/sqrt(17))^2 + (4/sqrt(17) - 1)^2 = 0.0597.
+    """
+    s = torch.tensor([1.0, -1.0, 2.0, 2.0], dtype=torch.float64).reshape(1, 1, 1, 4)
+    t = torch.tensor([0.0, 3.0], dtype=torch.float64).reshape(1, 1, 1, 2)
+    torch.testing.assert_close(attention_map(s, p=2, size=(1, 2)), torch.tensor([[0.0, 1.0]], dtype=torch.float64))
+    assert attention_distance(s, t, p=2).item() == pytest.approx(0.0, abs=1e-12)

@@ -12,7 +12,7 @@ import distill
 import networks
 from distill.seg_losses import SegLoss
 
-UNETPP = {"spatial_dims": 2, "in_channels": 3, "out_channels": 2, "features": (4, 8, 8, 16, 16)}
+UNETPP = {"spatial_dims": 2, "in_channels": 3, "out_channels": 2, "features": (4, 8, 8, 16, 16), "deep_supervision": True}
 STUDENT = {"spatial_dims": 2, "in_channels": 3, "out_channels": 2, "base_width": 4}
 TRANSFUSE = {
     "in_channels": 3, "out_channels": 2, "img_size": 32, "embed_dim": 16, "depth": 1, "num_heads": 2,

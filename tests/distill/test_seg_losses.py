@@ -72,7 +72,9 @@ def test_seg_loss_is_dice_focal_and_handles_deep_supervision():
 
     assert SegLoss()(preds[0], labels).item() == pytest.approx(ref(preds[0], labels).item())
     want = sum(w * ref(p, labels).item() for w, p in zip((0.5, 0.3, 0.2), preds))
-    assert SegLoss()(tuple(preds), labels).item() == pytest.approx(want, rel=1e-6)
+    assert SegLoss(ds_weights=(0.5, 0.3, 0.2))(tuple(preds), labels).item() == pytest.approx(want, rel=1e-6)
+    equal = sum(ref(p, labels).item() for p in preds) / 3  # default: equal weights over the outputs
+    assert SegLoss()(tuple(preds), labels).item() == pytest.approx(equal, rel=1e-6)
     # a map at a lower resolution is resized to the label size
     assert torch.isfinite(SegLoss()(torch.randn(2, 3, 4, 4), labels))
     # perfect one-hot-like logits give a small loss

@@ -86,9 +86,11 @@ def np_resize(a: np.ndarray, size) -> np.ndarray:
 
 
 def np_attention(z: np.ndarray, p: float = 4, size=None) -> np.ndarray:
-    a = (np.abs(z) ** p).mean(axis=1, keepdims=True)
+    """HLFD Eq. 1-2 as the paper words it: rescale the representation z to ``size`` FIRST, then the channel mean of
+    |z|^p of the rescaled representation, flattened and L2-normalised."""
     if size is not None:
-        a = np_resize(a, size)
+        z = np_resize(z, size)
+    a = (np.abs(z) ** p).mean(axis=1, keepdims=True)
     a = a.reshape(a.shape[0], -1)
     return a / np.linalg.norm(a, axis=1, keepdims=True)
 
