@@ -49,6 +49,10 @@ class DistillationHandler:
         image_key: key of the input batch in ``engine.state.output``.
         label_key: key of the labels (passed to methods that use them).
         loss_key: key of the loss.
+        warmup_epochs: ramp the distillation weight linearly from 0 to 1 over this many epochs (counted in
+            iterations: ``scale = min(1, (iteration - 1) / (warmup_epochs * epoch_length))``); 0 (default) applies
+            the method's full weights from the first step, as the papers do. The terms are logged unscaled; the
+            scale is logged as ``kd_scale``.
 
     Raises:
         TypeError: distiller is not a ``Distiller``.
@@ -63,6 +67,7 @@ class DistillationHandler:
         image_key: str = CommonKeys.IMAGE,
         label_key: str = CommonKeys.LABEL,
         loss_key: str = CommonKeys.LOSS,
+        warmup_epochs: float = 0.0,
     ) -> None:
         if not isinstance(distiller, Distiller):
             raise TypeError(f"distiller must be a distill.Distiller, got {type(distiller).__name__}.")
@@ -75,8 +80,12 @@ class DistillationHandler:
                 "distill.load_teacher(checkpoint, network_name) (or mark it with distill.mark_trained). A freshly built "
                 "teacher may even equal the student. allow_untrained_teacher=True is for tests only."
             )
+        warmup_epochs = float(warmup_epochs)
+        if not warmup_epochs >= 0:
+            raise ValueError(f"warmup_epochs must be >= 0 (0 = no ramp), got {warmup_epochs}.")
         self.distiller = distiller
         self.image_key, self.label_key, self.loss_key = image_key, label_key, loss_key
+        self.warmup_epochs = warmup_epochs
 
     def attach(self, engine: Engine) -> None:
         """Register on the trainer's events.
@@ -148,8 +157,17 @@ class DistillationHandler:
             self.distiller.student_capture.close()
             self.distiller.student_capture.clear()
 
+    def scale(self, engine: Engine) -> float:
+        """The distillation weight of the current iteration (1 without warm-up)."""
+        if self.warmup_epochs <= 0:
+            return 1.0
+        length = int(getattr(engine.state, "epoch_length", 0) or 0)
+        if length <= 0:
+            return 1.0
+        return min(1.0, (int(engine.state.iteration) - 1) / (self.warmup_epochs * length))
+
     def __call__(self, engine: Engine) -> None:
-        """Replace ``output[loss_key]`` with ``L_seg + kd_total`` and store the components as floats."""
+        """Replace ``output[loss_key]`` with ``L_seg + scale * kd_total`` and store the components as floats."""
         output = engine.state.output
         seg = output[self.loss_key]
         if self.distiller.needs_teacher:
@@ -159,7 +177,10 @@ class DistillationHandler:
             terms = self.distiller(s_feats, t_feats, output.get(self.label_key), input_size=images.shape[2:])
         else:
             terms = {"kd_total": torch.zeros((), device=seg.device)}
-        output[self.loss_key] = seg + terms["kd_total"]
+        scale = self.scale(engine)
+        output[self.loss_key] = seg + scale * terms["kd_total"]
+        if self.warmup_epochs > 0:
+            terms["kd_scale"] = torch.tensor(scale, device=seg.device)
         names = ["loss_seg", *terms]
         values = torch.stack([seg.detach().float().reshape(()), *(v.detach().to(seg.device) for v in terms.values())])
         output.update(zip(names, values.tolist()))  # one device sync for all the logged floats

@@ -20,7 +20,7 @@ def _data(n=4, size=16, seed=0):
     ]
 
 
-def _trainer(student, distiller, lr=0.0, decollate=False, wrapped=None):
+def _trainer(student, distiller, lr=0.0, decollate=False, wrapped=None, **handler_kwargs):
     net = wrapped if wrapped is not None else student
     opt = torch.optim.SGD(distill.trainable_parameters(student, distiller), lr=lr)
     trainer = SupervisedTrainer(
@@ -32,7 +32,7 @@ def _trainer(student, distiller, lr=0.0, decollate=False, wrapped=None):
         loss_function=SegLoss(),
         decollate=decollate,
     )
-    distill.DistillationHandler(distiller, allow_untrained_teacher=True).attach(trainer)
+    distill.DistillationHandler(distiller, allow_untrained_teacher=True, **handler_kwargs).attach(trainer)
     return trainer
 
 
@@ -166,3 +166,23 @@ def test_mixed_precision_features_give_float32_losses():
     assert all(v.dtype == torch.float32 for v in out.values())
     for k in ref:
         assert out[k].item() == pytest.approx(ref[k].item(), rel=0.1, abs=1e-3), k
+
+
+def test_warmup_ramps_the_distillation_weight_linearly():
+    """warmup_epochs=1 over a 2-iteration epoch: scale (it - 1) / 2 -> 0 then 0.5 (then 1 from epoch 2 on)."""
+    s_net, t_net = pair()
+    d = distill.create_distiller("hlfd", s_net, t_net)
+    trainer = _trainer(s_net, d, lr=0.0, warmup_epochs=1.0)
+    seen = []
+
+    @trainer.on(IterationEvents.LOSS_COMPLETED)
+    def record(engine):
+        o = engine.state.output
+        seen.append((o["loss"].item(), o["loss_seg"], o["kd_total"], o["kd_scale"]))
+
+    trainer.run()
+    assert [s[3] for s in seen] == [0.0, 0.5]
+    for loss, seg, kd, scale in seen:
+        assert loss == pytest.approx(seg + scale * kd, rel=1e-5)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        distill.DistillationHandler(d, allow_untrained_teacher=True, warmup_epochs=-1)
