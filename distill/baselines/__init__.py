@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from distill.baselines.emkd import EMKD, ImportanceMapLoss, RegionAffinityLoss
+from distill.baselines.emkd import EMKD, ImportanceMapLoss, RegionAffinityLoss, decoder_rad_taps, decoder_taps
 from distill.baselines.hifd import HIFD
 from distill.baselines.hinton import HintonKD
-from distill.baselines.imf import IMF
+from distill.baselines.imf import IMF, IMFNetwork
 from distill.baselines.skd import SKD, PairwiseAffinityLoss
 
-__all__ = ["HintonKD", "SKD", "PairwiseAffinityLoss", "IMF", "EMKD", "ImportanceMapLoss", "RegionAffinityLoss", "HIFD"]
+__all__ = [
+    "HintonKD",
+    "SKD",
+    "PairwiseAffinityLoss",
+    "IMF",
+    "IMFNetwork",
+    "EMKD",
+    "ImportanceMapLoss",
+    "RegionAffinityLoss",
+    "decoder_taps",
+    "decoder_rad_taps",
+    "HIFD",
+]

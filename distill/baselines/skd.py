@@ -1,10 +1,15 @@
 """Structured Knowledge Distillation (SKD), Liu et al., CVPR 2019 ("Structured knowledge distillation for semantic
 segmentation"): pixel-wise distillation + pair-wise (affinity) distillation + optional holistic (adversarial) term.
 
-- pixel-wise: ``mean_pixels KL(q_t || q_s)`` on the final class maps (``T = 1`` as in the paper).
+- pixel-wise: ``T^2 sum_b mean_pixels KL(q_t || q_s)`` on the final class maps (``T = 1`` as in the paper), i.e.
+  summed over the batch and the classes and divided by the number of pixels only, the scale of the authors' code
+  (``CriterionPixelWise`` of irfanICMLL/structure_knowledge_distillation: ``sum(-softmax(t) * log_softmax(s)) / W / H``
+  over the whole batch). The official value is that cross-entropy; we report the KL form, the official value minus the
+  teacher's entropy ``-sum(q_t log q_t) / W / H`` (a constant): the same gradient, and 0 when the student matches.
 - pair-wise: ``a_ij = f_i . f_j / (|f_i| |f_j|)`` over the spatial nodes of the late feature map (after an optional
   ``pool x pool`` average pooling that sets the node granularity); loss ``mean_b (1/N^2) sum_ij (a^s_ij - a^t_ij)^2``.
-  Channels may differ; the student feature is resized to the teacher's spatial size.
+  Channels may differ; the student feature is resized to the teacher's spatial size. (The authors' code pools nodes
+  with a *max* pooling of ``scale * size`` patches, ``scale = 0.5``; our ``pool`` is an average pooling, 1 by default.)
 - holistic (off by default, ``holistic=0``): a Wasserstein critic ``D`` on class-probability maps (the paper also
   feeds the image; we use the maps only) trained through a gradient-reversal layer, so one optimiser trains both
   the critic (minimising ``D(q_s) - D(q_t) + gp * GP``) and the student (maximising ``D(q_s)``). The gradient
@@ -25,7 +30,30 @@ from distill.kl import pixel_kl, tempered_probs
 from distill.method import Features, KDMethod
 from distill.plan import Role, TapPlan
 
-__all__ = ["pairwise_affinity", "PairwiseAffinityLoss", "Critic", "SKD"]
+__all__ = ["pixel_wise_loss", "pairwise_affinity", "PairwiseAffinityLoss", "Critic", "SKD"]
+
+
+def pixel_wise_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """SKD pixel-wise term at the authors' scale: ``T^2 sum_b mean_pixels KL(softmax(t/T) || softmax(s/T))``.
+
+    The authors' ``CriterionPixelWise`` sums ``-softmax(t) * log_softmax(s)`` over batch, pixels and classes and
+    divides by ``W * H`` only; this is that sum minus the teacher's entropy (a constant: identical gradient). The
+    student map is resized to the teacher's size first (the authors require equal sizes).
+
+    Args:
+        student_logits: ``(B, K, *S_s)``.
+        teacher_logits: ``(B, K, *S_t)``.
+        temperature: ``T`` (the paper uses 1).
+
+    Returns:
+        scalar tensor (``B`` times the per-sample pixel mean).
+
+    Raises:
+        ValueError: when batch or class counts differ.
+    """
+    return pixel_kl(student_logits, tempered_probs(teacher_logits, temperature), temperature) * teacher_logits.shape[0]
 
 
 def pairwise_affinity(feature: torch.Tensor, pool: int = 1) -> torch.Tensor:
@@ -107,7 +135,8 @@ class SKD(KDMethod):
         gp: gradient-penalty weight of the critic (WGAN-GP: 10).
 
     Returns (forward):
-        ``{"kd_pixel", "kd_pair", ["kd_holistic",] "kd_total"}``.
+        ``{"kd_pixel", "kd_pair", ["kd_holistic",] "kd_total"}``; ``kd_pixel`` is summed over the batch (the authors'
+        scale, see ``pixel_wise_loss``).
     """
 
     name = "skd"
@@ -149,7 +178,7 @@ class SKD(KDMethod):
     def forward(self, student: Features, teacher: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         t = self.temperature
         s_logits, t_logits = student["pred_final"][0], teacher["pred_final"][0]
-        pixel = pixel_kl(s_logits, tempered_probs(t_logits, t), t)
+        pixel = pixel_wise_loss(s_logits, t_logits, t)
         pair = self.pair_loss(student["late"][0], teacher["late"][0])
         out = {"kd_pixel": pixel, "kd_pair": pair}
         total = self.w_pixel * pixel + self.w_pair * pair

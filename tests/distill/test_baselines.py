@@ -51,7 +51,7 @@ def test_region_affinity_by_hand_and_numpy():
     regions = t([[[[1.0, 0.0]], [[0.0, 1.0]]]])
     s = t([[[[1.0, 1.0]], [[0.0, 0.0]]]])
     tt = t([[[[1.0, 0.0]], [[0.0, 1.0]]]])
-    assert RegionAffinityLoss()([s], [tt], regions).item() == pytest.approx(0.5)  # mean of (0,1,1,0)^2
+    assert RegionAffinityLoss()([s], [tt], regions).item() == pytest.approx(1.0)  # one pair: (1 - 0)^2 (EMKD)
     g = np.random.default_rng(2)
     feat = g.normal(size=(2, 2, 4, 4))
     lab = g.integers(0, 3, size=(2, 8, 8))
@@ -84,7 +84,7 @@ def test_skd_pixel_plus_pair():
     d, sf, tf = _run("skd")
     out = d(sf, tf)
     s_logit, t_logit = sf["head"].detach().double().numpy(), tf["head"].double().numpy()
-    pixel = np_kl(s_logit, np_softmax(t_logit), 1)
+    pixel = np_kl(s_logit, np_softmax(t_logit), 1) * s_logit.shape[0]  # summed over the batch (SKD's official scale)
     pair_ = ((np_affinity(sf["late"].detach().double().numpy()) - np_affinity(tf["late"].double().numpy())) ** 2).mean()
     assert out["kd_pixel"].item() == pytest.approx(pixel, rel=1e-4)
     assert out["kd_pair"].item() == pytest.approx(pair_, rel=1e-4)
@@ -124,9 +124,11 @@ def test_hifd_matches_numpy():
     layers = [sf[k].detach().double().numpy() for k in ("early", "mid1", "mid2")]
     feat = np.mean([((np_conv1x1(np_resize(f, late.shape[2:]), c) - late) ** 2).mean()
                     for f, c in zip(layers, d.connectors["feature"])])
-    pix = np.mean([np_kl(np_conv1x1(f, h), p_t, 4) for f, h in zip(layers, d.connectors["pixel"])])
+    final = np_kl(sf["head"].detach().double().numpy(), p_t, 4)  # the student's final output is supervised too
+    pix = np.mean([np_kl(np_conv1x1(f, h), p_t, 4) for f, h in zip(layers, d.connectors["pixel"])] + [final])
     assert out["kd_feature"].item() == pytest.approx(feat, rel=1e-4)
     assert out["kd_pixel"].item() == pytest.approx(pix, rel=1e-4)
+    assert out["kd_final"].item() == pytest.approx(final, rel=1e-4)
     assert out["kd_total"].item() == pytest.approx(0.9 * feat + 0.1 * pix, rel=1e-4)
 
 
