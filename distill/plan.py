@@ -19,7 +19,7 @@ from torch import nn
 from distill.capture import OUTPUT_PATH, unwrap
 from networks.contract import Tap
 
-__all__ = ["Role", "TapPlan", "network_taps", "build_plan", "TapOverride"]
+__all__ = ["Role", "TapPlan", "network_taps", "build_plan", "check_trained_heads", "TapOverride"]
 
 TapOverride = str | Tap | Sequence[str | Tap]
 
@@ -155,14 +155,29 @@ def _side(
     return out
 
 
-def _check_trained_heads(teacher: nn.Module, roles: Mapping[str, Role], chosen: Mapping[str, tuple[Tap, ...]]) -> None:
-    """Refuse teacher prediction taps that never received a training loss (see ``TapNetwork.supervised_taps``)."""
+def check_trained_heads(
+    teacher: nn.Module, roles: Mapping[str, Role], chosen: Mapping[str, tuple[Tap, ...]] | None = None
+) -> None:
+    """Refuse teacher prediction taps that never received a training loss (see ``TapNetwork.supervised_taps``).
+
+    Args:
+        teacher: the teacher ``TapNetwork`` (built with the kwargs it was trained with).
+        roles: a method's teacher roles; only ``logits`` roles are checked.
+        chosen: the resolved taps per role; None takes each role's default taps from the contract.
+
+    Raises:
+        ValueError: a prediction role on a head outside ``teacher.supervised_taps()``, naming the heads and the fix.
+    """
+    teacher = unwrap(teacher)
     supervised = getattr(teacher, "supervised_taps", None)
     if not callable(supervised):
         return
+    if chosen is None:
+        taps = network_taps(teacher)
+        chosen = {r: _resolve("teacher", r, _default_names(taps, spec.groups), taps) for r, spec in roles.items() if spec.logits}
     trained = set(supervised()) | {OUTPUT_PATH}
     for role, spec in roles.items():
-        if not spec.logits:
+        if not spec.logits or role not in chosen:
             continue
         untrained = [t.path for t in chosen[role] if t.path not in trained]
         if untrained:
@@ -220,7 +235,7 @@ def build_plan(
         spatial_dims=int(s_net.spatial_dims),
     )
     plan.teacher = _side("teacher", teacher_roles, t_taps, teacher_taps, k, other=plan.student)
-    _check_trained_heads(t_net, teacher_roles, plan.teacher)
+    check_trained_heads(t_net, teacher_roles, plan.teacher)
     for side, roles, other in (("student", student_roles, plan.teacher), ("teacher", teacher_roles, plan.student)):
         mine = plan.student if side == "student" else plan.teacher
         for role, spec in roles.items():

@@ -74,3 +74,15 @@ def test_methods_reading_intermediate_predictions_refuse_untrained_heads(tmp_pat
 def test_methods_reading_only_the_final_map_accept_a_teacher_without_deep_supervision(tmp_path):
     student = networks.create("resnet18_student", **STUDENT)
     distill.create_distiller("hinton", student, _teacher(tmp_path, False))
+
+
+def test_bundle_preflight_refuses_a_teacher_without_deep_supervision_before_any_work(tmp_path):
+    from pipelines.workflow import BundleInputError, check_teacher_checkpoint
+
+    _teacher(tmp_path, False)
+    bad = tmp_path / "teacher_ds0.pt"
+    with pytest.raises(BundleInputError, match=r"teacher_ds0.pt.*head1.*not trained"):
+        check_teacher_checkpoint(bad, "hlfd", "hlfd")
+    assert check_teacher_checkpoint(bad, "kd_baselines", "hinton")  # reads the final map only
+    _teacher(tmp_path, True)
+    assert check_teacher_checkpoint(tmp_path / "teacher_ds1.pt", "hlfd", "hlfd")
