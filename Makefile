@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ctdistill-installed
 DEMO_OUT ?= demo_out
+# pytest-xdist workers; each worker and its bundle subprocesses use one intra-op thread (tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint clean
 
@@ -18,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m pipelines.demo --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check pipelines transforms networks distill tests

@@ -1,7 +1,10 @@
 """Integrity check of a CT segmentation dataset before any training (the spirit of nnU-Net's
 ``verify_dataset_integrity``): every problem of every case is reported, nothing is modified.
 
-Checks per case: image and label exist and load as 3D volumes; same shape and same affine (within ``1e-3``);
+Checks per case: image and label exist and load as 3D volumes; same shape and same affine (within ``1e-3``); a
+voxel spacing that is defined (ERROR: a zero-length affine axis, or a zero/negative header ``pixdim`` that the affine
+is built from, for which nibabel silently substitutes 1 mm) and plausible for CT (WARNING outside
+``PLAUSIBLE_SPACING_MM`` or more than ``ANISOTROPY_WARN`` times anisotropic, ERROR beyond ``ANISOTROPY_ERROR``);
 label values within the declared labels (``--labels``, else ``dataset.json`` ``labels``, else ``{0, 1, 2}``);
 no NaN or inf in the image; a plausible CT range (some voxel below -500 HU, else an ERROR: not Hounsfield units;
 some voxel above 200 HU, else a WARNING); each training label has foreground (WARNING); the same file listed
@@ -13,6 +16,7 @@ Usage: ``python -m pipelines.check_dataset DIR|splits.json [--labels 0 1 2]``; e
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import logging
@@ -27,7 +31,19 @@ import numpy as np
 
 from pipelines.datalist import SPLITS, UNLABELLED, find_cases, read_declared_labels
 
-__all__ = ["SEVERITIES", "DEFAULT_LABELS", "CT_MIN_BELOW", "CT_MAX_ABOVE", "Problem", "check_dataset", "main"]
+__all__ = [
+    "SEVERITIES",
+    "DEFAULT_LABELS",
+    "CT_MIN_BELOW",
+    "CT_MAX_ABOVE",
+    "PLAUSIBLE_SPACING_MM",
+    "ANISOTROPY_WARN",
+    "ANISOTROPY_ERROR",
+    "Problem",
+    "spacing_problems",
+    "check_dataset",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +54,13 @@ CT_MIN_BELOW = -500.0
 #: A CT volume holds bone or contrast above this (HU).
 CT_MAX_ABOVE = 200.0
 _AFFINE_TOL = 1e-3
+#: voxel spacings (mm) outside this range are implausible for CT, e.g. a header in metres (WARNING); wide on purpose:
+#: small synthetic cohorts have 6-13 mm voxels
+PLAUSIBLE_SPACING_MM: tuple[float, float] = (0.05, 50.0)
+#: largest / smallest voxel spacing above this is suspicious for CT (WARNING; 0.5 mm in-plane with 5 mm slices is 10)
+ANISOTROPY_WARN = 15.0
+#: ... and above this no CT acquisition: a wrong header (ERROR)
+ANISOTROPY_ERROR = 50.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +167,95 @@ def _load(path: Path, what: str, problems: list[Problem]) -> nib.spatialimages.S
         problems.append(Problem("error", str(path), f"{what} is not a 3D volume (shape {tuple(shape)})"))
         return None
     return image
+
+
+def _raw_pixdim(path: Path) -> np.ndarray | None:
+    """``pixdim[1:4]`` as stored in a NIfTI file (nibabel replaces 0 by 1 and negative values by their absolute value
+    on load), or None for a file that is not NIfTI-1/2."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read(540)
+    except (OSError, EOFError):
+        return None
+    for klass, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
+        for endian in "<>":
+            if len(raw) >= size and int(np.frombuffer(raw[:4], dtype=f"{endian}i4")[0]) == size:
+                header = klass(binaryblock=raw[:size], endianness=endian, check=False)
+                return np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    return None
+
+
+def spacing_problems(image: nib.spatialimages.SpatialImage, path: str | Path) -> list[Problem]:
+    """Voxel-spacing problems of a loaded volume: undefined (ERROR), invented by nibabel (ERROR), implausible (WARNING).
+
+    The spacing is the length of each affine column (what MONAI and the volume in mL use). A zero or negative header
+    ``pixdim`` is an ERROR when the affine is built from it (no sform: nibabel substitutes 1 mm or the absolute value,
+    so the spacing is invented), a WARNING when an sform defines the affine.
+
+    Args:
+        image: the nibabel image (header only is read).
+        path: its file (read again for the raw header; named in the problems).
+
+    Returns:
+        the problems (empty for a plausible CT spacing).
+    """
+    path = Path(path)
+    problems: list[Problem] = []
+    spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+    shown = " x ".join(f"{v:g}" for v in spacing)
+    if not np.all(np.isfinite(spacing)) or spacing.min() <= 1e-6:
+        problems.append(
+            Problem(
+                "error",
+                str(path),
+                f"voxel spacing {shown} mm is zero or undefined (an affine axis of length 0): volumes in mL and "
+                "resampling would be wrong; fix the header (pixdim / sform)",
+            )
+        )
+        return problems
+    raw = _raw_pixdim(path) if isinstance(image.header, nib.Nifti1Header) else None
+    if raw is not None and (not np.all(np.isfinite(raw)) or raw.min() <= 0):
+        raw_shown = " x ".join(f"{v:g}" for v in raw)
+        if int(image.header["sform_code"]) > 0:
+            problems.append(
+                Problem(
+                    "warning",
+                    str(path),
+                    f"header pixdim {raw_shown} has zero/negative values (invalid NIfTI); the sform gives {shown} mm, "
+                    "but tools that read pixdim may disagree",
+                )
+            )
+        else:
+            problems.append(
+                Problem(
+                    "error",
+                    str(path),
+                    f"header pixdim {raw_shown} has zero/negative values and there is no sform: the spacing {shown} mm "
+                    "is invented (nibabel substitutes 1 mm / the absolute value); fix the header",
+                )
+            )
+            return problems
+    ratio = float(spacing.max() / spacing.min())
+    if ratio > ANISOTROPY_ERROR:
+        problems.append(
+            Problem(
+                "error",
+                str(path),
+                f"voxel spacing {shown} mm is {ratio:.0f}x anisotropic (more than {ANISOTROPY_ERROR:g}x): no CT is "
+                "acquired like this; the header spacing is wrong",
+            )
+        )
+    elif ratio > ANISOTROPY_WARN:
+        problems.append(
+            Problem("warning", str(path), f"voxel spacing {shown} mm is {ratio:.0f}x anisotropic: check the header spacing")
+        )
+    lo, hi = PLAUSIBLE_SPACING_MM
+    if spacing.min() < lo or spacing.max() > hi:
+        problems.append(
+            Problem("warning", str(path), f"voxel spacing {shown} mm is outside {lo:g}..{hi:g} mm: check the header units")
+        )
+    return problems
 
 
 def _voxels(image: nib.spatialimages.SpatialImage, path: Path, what: str, problems: list[Problem]) -> np.ndarray | None:
@@ -285,7 +397,10 @@ def check_dataset(source: str | Path, labels: Iterable[int] | None = None) -> li
             problems.append(Problem("error", str(case.image), f"{case.split} entry has no label"))
         label = _load(case.label, "label", problems) if case.label is not None else None
         if image is not None:
-            axcodes["".join(str(c) for c in nib.aff2axcodes(image.affine))].append(str(case.image))
+            problems.extend(spacing_problems(image, case.image))
+            with np.errstate(all="ignore"):  # a singular affine (reported above) has no orientation
+                codes = nib.aff2axcodes(image.affine)
+            axcodes["".join(str(c) for c in codes)].append(str(case.image))
             if label is not None:
                 _same_geometry(image, label, case.label, problems)
             data = _voxels(image, case.image, "image", problems)

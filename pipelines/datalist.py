@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.atomic import atomic_write_text
+
 __all__ = [
     "LAYOUTS",
     "PRESETS",
@@ -28,6 +30,11 @@ __all__ = [
     "read_declared_labels",
     "find_cases",
     "make_splits",
+    "CREATED_BY",
+    "build_datalist",
+    "datalist_text",
+    "is_own_datalist",
+    "save_datalist",
     "write_datalist",
     "load_split",
     "main",
@@ -41,6 +48,8 @@ SPLITS: tuple[str, ...] = ("training", "validation", "test")
 UNLABELLED = "unlabelled"
 #: Paper splits (HLFD, ISBI 2024, Sec. 3): KiTS 210 cases -> 168 train : 42 test; LiTS 201 -> 131 labelled : 70 test.
 PRESETS: dict[str, dict[str, int]] = {"kits19": {"train": 168, "test": 42}, "lits": {"train": 131, "test": 70}}
+#: ``meta.created_by`` of every file this module writes: the only files ``--out`` may replace
+CREATED_BY = "pipelines.datalist"
 
 _NII = r"\.nii(?:\.gz)?$"
 _KITS_CASE = re.compile(r"^case_(\d+)$")
@@ -326,6 +335,96 @@ def make_splits(
     return result
 
 
+def build_datalist(
+    source: str | Path,
+    *,
+    val_fraction: float | None = 0.2,
+    folds: int | None = None,
+    fold: int = 0,
+    preset: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Detect the layout of ``source`` and split it (:func:`make_splits`), without writing anything.
+
+    Returns:
+        ``training``, ``validation``, ``test`` [, ``unlabelled``] (absolute paths) and ``meta`` (``created_by`` =
+        :data:`CREATED_BY`, layout, source, seed, split options, declared labels, counts).
+
+    Raises:
+        see :func:`find_cases` and :func:`make_splits`; OSError for an unreadable folder.
+    """
+    source = Path(source)
+    layout, cases = find_cases(source)
+    splits = make_splits(cases, val_fraction=val_fraction, folds=folds, fold=fold, preset=preset, seed=seed)
+    result: dict[str, Any] = dict(splits)
+    result["meta"] = {
+        "created_by": CREATED_BY,
+        "layout": layout,
+        "source": str(source.resolve()),
+        "preset": preset,
+        "seed": int(seed),
+        "val_fraction": None if folds is not None else val_fraction,
+        "folds": folds,
+        "fold": fold if folds is not None else None,
+        "labels": read_declared_labels(source),
+        "counts": {name: len(splits[name]) for name in (*SPLITS, UNLABELLED) if name in splits},
+    }
+    return result
+
+
+def datalist_text(result: dict[str, Any]) -> str:
+    """The exact JSON text :func:`save_datalist` writes for ``result`` (deterministic: equal splits, equal bytes)."""
+    return json.dumps(result, indent=2) + "\n"
+
+
+def is_own_datalist(path: str | Path) -> bool:
+    """Whether ``path`` is a JSON file this module wrote (its ``meta.created_by`` is :data:`CREATED_BY`).
+
+    Returns:
+        False for a missing, unreadable, non-JSON or foreign file.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1)
+            if head not in (b"{", b" ", b"\n", b"\t", b"\r"):
+                return False  # not JSON (e.g. a NIfTI volume): never read further
+            data = json.loads(head + handle.read())
+    except (OSError, ValueError):
+        return False
+    meta = data.get("meta") if isinstance(data, dict) else None
+    return isinstance(meta, dict) and meta.get("created_by") == CREATED_BY
+
+
+def save_datalist(result: dict[str, Any], out: str | Path) -> Path:
+    """Write a :func:`build_datalist` result to ``out`` atomically, replacing only this module's own earlier output.
+
+    Args:
+        result: the splits dict.
+        out: destination JSON file.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: ``out`` is a folder, lies below a file, or is an existing file this module did not write (a
+            dataset.json, a volume, someone's splits): it is never replaced.
+        OSError: the folder cannot be created or written (no temporary file is left behind).
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the JSON file to write, e.g. {out / 'splits.json'}")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    if out.exists() and not is_own_datalist(out):
+        raise ValueError(
+            f"--out {out} exists and was not written by pipelines.datalist (no meta.created_by={CREATED_BY!r}); "
+            "refusing to replace it: choose another --out"
+        )
+    atomic_write_text(out, datalist_text(result))
+    return out
+
+
 def write_datalist(
     source: str | Path,
     out: str | Path,
@@ -339,35 +438,17 @@ def write_datalist(
     """Detect the layout of ``source``, split it (:func:`make_splits`) and write ``out`` (JSON, atomically).
 
     The file holds ``training``, ``validation``, ``test`` [, ``unlabelled``] (absolute paths) and ``meta`` (layout,
-    source, seed, split options, declared labels, counts). Nothing in ``source`` is modified.
+    source, seed, split options, declared labels, counts, ``created_by``). Nothing in ``source`` is modified, and
+    ``out`` replaces only an earlier output of this module (:func:`save_datalist`).
 
     Returns:
         The written dict.
 
     Raises:
-        see :func:`find_cases` and :func:`make_splits`; ValueError when ``out`` is inside a file path.
+        see :func:`find_cases`, :func:`make_splits` and :func:`save_datalist`.
     """
-    source = Path(source)
-    layout, cases = find_cases(source)
-    splits = make_splits(cases, val_fraction=val_fraction, folds=folds, fold=fold, preset=preset, seed=seed)
-    result: dict[str, Any] = dict(splits)
-    result["meta"] = {
-        "created_by": "pipelines.datalist",
-        "layout": layout,
-        "source": str(source.resolve()),
-        "preset": preset,
-        "seed": int(seed),
-        "val_fraction": None if folds is not None else val_fraction,
-        "folds": folds,
-        "fold": fold if folds is not None else None,
-        "labels": read_declared_labels(source),
-        "counts": {name: len(splits[name]) for name in (*SPLITS, UNLABELLED) if name in splits},
-    }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    result = build_datalist(source, val_fraction=val_fraction, folds=folds, fold=fold, preset=preset, seed=seed)
+    save_datalist(result, out)
     return result
 
 
@@ -405,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    except OSError as err:  # an unreadable case folder, a read-only --out folder, a full disk
+        where = err.filename or args.out
+        parser.error(f"cannot access {where}: {err.strerror or err}")
     counts = result["meta"]["counts"]
     print(f"{result['meta']['layout']} layout: {counts['training']} training, {counts['validation']} validation, {counts['test']} test -> {args.out}")
 

@@ -28,9 +28,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-__all__ = ["DemoConfig", "MethodResult", "run_demo", "format_table", "main"]
+from pipelines.experiment import paired_difference, run_bundle
+
+__all__ = ["DemoConfig", "MethodResult", "run_demo", "format_table", "main", "paired_difference"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,45 +90,9 @@ class MethodResult:
     cases_csv: Path | None = None
 
 
-def _bundle(run_id: str, role: str, config: str, **overrides: Any) -> None:
-    from monai.bundle import run
-
-    run(run_id, config_file=f"bundles/{role}/configs/{config}.yaml", **overrides)
-
-
 def _summary(path: Path) -> dict[str, dict[str, str]]:
     with open(path) as f:
         return {r["column"]: r for r in csv.DictReader(f)}
-
-
-def paired_difference(cases_a: Path, cases_b: Path, column: str = "dsc_tumor") -> tuple[float, float, int, int]:
-    """Per-volume difference ``a - b`` of one metric over the volumes both per-case CSVs hold.
-
-    Args:
-        cases_a: per-case CSV (``case`` column + metrics) of method a.
-        cases_b: the same for method b.
-        column: metric column.
-
-    Returns:
-        ``(mean, sample standard deviation, n volumes, n volumes where a > b)``; mean and sd are NaN without common
-        volumes (sd also with one).
-
-    Raises:
-        ValueError: ``column`` missing from a CSV.
-    """
-    def read(path: Path) -> dict[str, float]:
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
-        if rows and column not in rows[0]:
-            raise ValueError(f"{path}: no column {column!r}; columns: {sorted(rows[0])}")
-        return {r["case"]: float(r[column]) for r in rows if r[column] not in ("", "nan")}
-
-    a, b = read(cases_a), read(cases_b)
-    diffs = [a[c] - b[c] for c in sorted(a.keys() & b.keys())]
-    n = len(diffs)
-    mean = statistics.fmean(diffs) if n else math.nan
-    sd = statistics.stdev(diffs) if n > 1 else math.nan
-    return mean, sd, n, sum(d > 0 for d in diffs)
 
 
 def _pair(row: dict[str, str]) -> tuple[float, float]:
@@ -202,13 +167,14 @@ def run_demo(cfg: DemoConfig) -> list[MethodResult]:
     results = []
     teacher_ckpt = runs / "unetpp_teacher" / "checkpoints" / "best.pt"
     for method, role, extra in plan:
-        kw = dict(common, output_dir=str(runs / role), **extra)
+        # the demo owns <out>/runs: a second `make demo` retrains into it (--overwrite true), it never resumes
+        kw = dict(common, output_dir=str(runs / role), overwrite=True, **extra)
         if role == "hlfd":
             kw["teacher_ckpt"] = str(teacher_ckpt)
         t0 = time.perf_counter()
-        _bundle("training", role, "train", **kw)
+        run_bundle("training", role, "train", **kw)
         train_s = time.perf_counter() - t0
-        _bundle("evaluating", role, "evaluate", dataset_dir=str(data), output_dir=str(runs / role), tracking_uri=uri, experiment_name="ctdistill_demo", num_workers=0)
+        run_bundle("evaluating", role, "evaluate", dataset_dir=str(data), output_dir=str(runs / role), tracking_uri=uri, experiment_name="ctdistill_demo", num_workers=0)
         summ = _summary(runs / role / "eval" / "summary.csv")
         ckpt = runs / role / "checkpoints" / "best.pt"
         from pipelines.workflow import load_split, sidecar

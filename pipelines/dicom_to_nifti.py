@@ -16,8 +16,12 @@ Gantry-tilted series (slices stacked off their normal) keep their sheared affine
 voxels stay the acquired slices and their world coordinates stay exact; nothing is resampled.
 
 Skipped with a warning: localizers, images (or multi-frame files) without position/orientation (secondary
-captures). Errors (nothing is written): gaps or uneven steps in slice positions (a step deviating more than 10 % from the
-median), duplicate positions, mixed orientations or matrix sizes within a series. Warning: Modality other than CT.
+captures). Skipped silently: files that are not DICOM (no ``DICM`` preamble and not parseable). Errors (nothing is
+written): any file that cannot be read (permissions, I/O) or that is DICOM (``DICM`` preamble or a ``.dcm`` name) but
+corrupt or truncated (header or pixel data): it is named, never dropped, wherever it sits in the series; gaps or
+uneven steps in slice positions (a step deviating more than 10 % from the median), duplicate positions, mixed
+orientations or matrix sizes within a series. Warnings: Modality other than CT; a single-slice series, whose slice
+spacing cannot be measured and is taken from SpacingBetweenSlices / SliceThickness (1 mm when both are absent).
 Only geometry, the series number/description and a short hash of the series UID are used for outputs and logs.
 
 Usage: ``python -m pipelines.dicom_to_nifti SRC OUT [--series UID]``.
@@ -62,6 +66,7 @@ class _Slice:
     shape: tuple[int, int]  # (Rows, Columns)
     rescale: tuple[float, float]  # (RescaleSlope, RescaleIntercept)
     frame: int | None = None  # frame index in a multi-frame (enhanced) file; None: a single-frame file
+    thickness: float | None = None  # SpacingBetweenSlices, else SliceThickness (mm); used for a single slice only
 
 
 @dataclass
@@ -99,17 +104,54 @@ class SeriesInfo:
         return "_".join(parts)
 
 
-def _header(path: Path):
-    """pydicom dataset without pixel data, or None for a file that is not a DICOM image."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+#: file names that declare a DICOM file even without the ``DICM`` preamble
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+class _Unreadable(Exception):
+    """A file that is (or may be) part of a series but cannot be read: reported, never dropped."""
+
+
+def _is_image_sop_class(uid: object) -> bool:
+    from pydicom.uid import UID
 
     try:
+        return "Image Storage" in UID(str(uid)).name
+    except Exception:  # noqa: BLE001 - an unknown or malformed UID is simply not an image class
+        return False
+
+
+def _header(path: Path):
+    """pydicom dataset without pixel data, or None for a file that is not a DICOM image.
+
+    Raises:
+        _Unreadable: the file cannot be read (permissions, I/O), or it is DICOM (``DICM`` preamble or a DICOM file
+            name) but corrupt: unparseable, or truncated (no file meta, or an image SOP class without Rows/Columns).
+    """
+    import pydicom
+
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            declared = handle.read(4) == b"DICM" or path.name.lower().endswith(_DICOM_SUFFIXES)
+    except OSError as err:
+        raise _Unreadable(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from err
+    try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as err:
+    except OSError as err:
+        raise _Unreadable(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from err
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types for a damaged file
+        if declared:
+            raise _Unreadable(f"{path}: corrupt DICOM file ({type(err).__name__}: {str(err)[:120]})") from err
         logger.debug("skipping %s: not readable as DICOM (%s)", path, type(err).__name__)
         return None
     if "Rows" not in ds or "Columns" not in ds:
+        meta = getattr(ds, "file_meta", None)
+        if declared and (meta is None or "TransferSyntaxUID" not in meta or "MediaStorageSOPClassUID" not in meta):
+            raise _Unreadable(f"{path}: truncated DICOM file (incomplete file meta header)")
+        sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+        if declared and _is_image_sop_class(sop):
+            raise _Unreadable(f"{path}: truncated or corrupt DICOM image (no Rows/Columns in its header)")
         logger.debug("skipping %s: not a DICOM image (no Rows/Columns)", path)
         return None
     return ds
@@ -147,6 +189,15 @@ def _image_slices(ds, path: Path) -> list[_Slice] | str:
             return f"no ImagePositionPatient/ImageOrientationPatient/PixelSpacing{where} (secondary capture?)"
         slope = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
+        thickness = None
+        for attribute in ("SpacingBetweenSlices", "SliceThickness"):
+            value = _functional(ds, frame, "PixelMeasuresSequence", attribute)
+            try:
+                if value not in (None, "") and float(value) > 0:
+                    thickness = float(value)
+                    break
+            except (TypeError, ValueError):
+                continue
         slices.append(
             _Slice(
                 path,
@@ -156,6 +207,7 @@ def _image_slices(ds, path: Path) -> list[_Slice] | str:
                 (int(ds.Rows), int(ds.Columns)),
                 (float(slope if slope not in (None, "") else 1), float(intercept if intercept not in (None, "") else 0)),
                 frame,
+                thickness,
             )
         )
     return slices
@@ -164,8 +216,9 @@ def _image_slices(ds, path: Path) -> list[_Slice] | str:
 def scan_series(src: str | Path, skipped: list[str] | None = None) -> list[SeriesInfo]:
     """Group the DICOM image files below ``src`` by series, reading headers only.
 
-    Files that are not DICOM are skipped with a debug log. DICOM images that cannot form a volume are skipped with
-    a warning: localizers (ImageType LOCALIZER) and images without ImagePositionPatient/ImageOrientationPatient/
+    Files that are not DICOM are skipped with a debug log; a file that cannot be read, or a DICOM file that is
+    corrupt or truncated, stops the scan (it is never dropped). DICOM images that cannot form a volume are skipped
+    with a warning: localizers (ImageType LOCALIZER) and images without ImagePositionPatient/ImageOrientationPatient/
     PixelSpacing (secondary captures such as dose reports). A multi-frame (enhanced CT) file contributes one slice per
     frame, with the frame's functional-group geometry.
 
@@ -178,14 +231,23 @@ def scan_series(src: str | Path, skipped: list[str] | None = None) -> list[Serie
 
     Raises:
         FileNotFoundError: ``src`` does not exist.
+        DicomSeriesError: files that cannot be read or are corrupt DICOM (all listed, up to 5 named).
     """
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
-    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+    try:
+        files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+    except OSError as err:
+        raise DicomSeriesError(f"{err.filename or src}: folder cannot be listed ({err.strerror or err})") from err
     groups: dict[tuple, SeriesInfo] = {}
+    unreadable: list[str] = []
     for path in files:
-        ds = _header(path)
+        try:
+            ds = _header(path)
+        except _Unreadable as err:
+            unreadable.append(str(err))
+            continue
         if ds is None:
             continue
         reason = None
@@ -207,6 +269,12 @@ def scan_series(src: str | Path, skipped: list[str] | None = None) -> list[Serie
         key = (uid,) if uid else ("", number, description, shape)
         series = groups.setdefault(key, SeriesInfo(uid, number, description, str(ds.get("Modality", "") or ""), []))
         series.slices.extend(found)
+    if unreadable:
+        more = f" (and {len(unreadable) - 5} more)" if len(unreadable) > 5 else ""
+        raise DicomSeriesError(
+            f"{len(unreadable)} file(s) below {src} cannot be read: " + "; ".join(unreadable[:5]) + more
+            + " (nothing written: fix or remove them; a slice is never dropped silently)"
+        )
     return sorted(groups.values(), key=lambda s: (s.number if s.number is not None else -1, s.description, s.short_id))
 
 
@@ -284,7 +352,8 @@ def series_affine(slices: Sequence[_Slice]) -> np.ndarray:
 
     The LPS position of pixel (row r, column c) of slice k is ``IPP_k + c * dc * row_dir + r * dr * col_dir``, with
     (dr, dc) = PixelSpacing and row_dir/col_dir the two ImageOrientationPatient vectors; array index j = Rows - 1 - r.
-    The slice axis is (IPP_last - IPP_first) / (n - 1) (or the normal times 1 mm for a single slice).
+    The slice axis is (IPP_last - IPP_first) / (n - 1); for a single slice, the normal times its SpacingBetweenSlices
+    or SliceThickness (1 mm when both are absent).
 
     Returns:
         4x4 float64 affine.
@@ -296,7 +365,7 @@ def series_affine(slices: Sequence[_Slice]) -> np.ndarray:
     if len(slices) > 1:
         step = (slices[-1].position - first.position) / (len(slices) - 1)
     else:
-        step = _normal(first.orientation)
+        step = _normal(first.orientation) * (first.thickness or 1.0)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * dc
     lps[:3, 1] = -col_dir * dr
@@ -318,12 +387,20 @@ def _read_volume(slices: Sequence[_Slice]) -> np.ndarray:
     volume = np.empty((cols, rows, len(slices)), dtype=np.int16 if integral else np.float32)
     limits = np.iinfo(np.int16)
     multi_frame: dict[Path, np.ndarray] = {}
+    def decode(path: Path) -> np.ndarray:
+        try:
+            return pydicom.dcmread(path, force=True).pixel_array
+        except Exception as err:  # noqa: BLE001 - truncated or undecodable pixel data: name the file
+            raise DicomSeriesError(
+                f"{path}: pixel data cannot be decoded ({type(err).__name__}: {str(err)[:160]}); nothing written"
+            ) from err
+
     for k, item in enumerate(slices):
         if item.frame is None:
-            pixels = pydicom.dcmread(item.path, force=True).pixel_array
+            pixels = decode(item.path)
         else:
             if item.path not in multi_frame:
-                multi_frame[item.path] = pydicom.dcmread(item.path, force=True).pixel_array
+                multi_frame[item.path] = decode(item.path)
             frames = multi_frame[item.path]
             if frames.ndim == 2:  # an enhanced file holding a single frame
                 frames = frames[None]
@@ -365,6 +442,8 @@ def convert_dicom(src: str | Path, out: str | Path, series_uid: str | None = Non
         raise ValueError(
             f"output folder {out} is inside the DICOM source {src}; choose a folder outside it (sources are never written to)"
         )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file; give a folder for the NIfTI files")
     skipped: list[str] = []
     all_series = scan_series(src, skipped)
     if not all_series:
@@ -373,8 +452,8 @@ def convert_dicom(src: str | Path, out: str | Path, series_uid: str | None = Non
     if series_uid is not None:
         chosen = [s for s in all_series if series_uid in (s.uid, s.short_id)]
         if not chosen:
-            listing = "; ".join(f"{s.uid or '(no UID)'} [{s.short_id}] {len(s.slices)} slices" for s in all_series)
-            raise ValueError(f"series {series_uid!r} not found in {src}; available: {listing}")
+            listing = "; ".join(f"{s.short_id} ({s.name}, {len(s.slices)} slices)" for s in all_series)
+            raise ValueError(f"series {series_uid!r} not found in {src}; available (pass the 8-character hash): {listing}")
         all_series = chosen
     ordered, problems = [], []
     for series in all_series:
@@ -388,6 +467,15 @@ def convert_dicom(src: str | Path, out: str | Path, series_uid: str | None = Non
                 "kept as acquired, not resampled; 2.5D slices stay the acquired slices, world coordinates stay exact",
                 series.name,
                 tilt,
+            )
+        if len(slices) == 1 and not found:
+            thickness = slices[0].thickness
+            logger.warning(
+                "%s: a single slice: its spacing along the normal cannot be measured; %s",
+                series.name,
+                f"{thickness:g} mm taken from SpacingBetweenSlices/SliceThickness"
+                if thickness
+                else "no SpacingBetweenSlices/SliceThickness either, 1 mm assumed",
             )
         if series.modality.upper() != "CT":
             logger.warning("%s: Modality is %r, not CT: HU windows may not apply", series.name, series.modality)
@@ -432,6 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = convert_dicom(args.src, args.out, series_uid=args.series)
     except (FileNotFoundError, ValueError) as err:
         print(f"ERROR: {err}")
+        return 1
+    except OSError as err:  # an output folder that is a file, read-only, or a full disk (no partial file is left)
+        print(f"ERROR: cannot write {err.filename or args.out}: {err.strerror or err}")
         return 1
     for path in written:
         print(path)

@@ -4,12 +4,20 @@ label maps written atomically in each input's original geometry, and a CSV of pr
 Flow (``bundles/common/configs/inference.yaml``): :func:`discover_inputs` -> ``transforms.build_transforms("infer")``
 -> whole-volume inferer -> ``AsDiscreted(argmax)`` -> ``Invertd`` (back to the file's geometry) ->
 :class:`WriteLabelMapd` -> :class:`VolumesCsvWriter` at the end. Inputs are never modified or overwritten.
+
+No data loss, by construction: an output folder that is the input folder, or lies inside it while holding files this
+tool did not write, is refused; a label map is written only to a path that does not exist yet or that an earlier run
+into the same output folder wrote (its ``volumes.csv``, kept up to date after every case, lists it). Label files of
+a dataset layout (KiTS ``segmentation.nii.gz``, LiTS ``segmentation-N.nii``, nnU-Net/MSD ``labelsTr``/``labelsTs``)
+are not inputs. Every input is checked before any inference: 3D, readable, with a defined voxel spacing.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,14 +28,35 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
+from pipelines.atomic import TMP_MARKER, atomic_write
 from pipelines.metrics import case_id, voxel_volume_ml, write_csv_atomic
 
-__all__ = ["NIFTI_SUFFIXES", "discover_inputs", "convert_dicom", "output_path", "WriteLabelMapd", "VolumesCsvWriter", "VOLUME_COLUMNS"]
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "VOLUMES_CSV",
+    "discover_inputs",
+    "is_label_file",
+    "previous_outputs",
+    "check_input_volume",
+    "convert_dicom",
+    "output_path",
+    "WriteLabelMapd",
+    "VolumesCsvWriter",
+    "VOLUME_COLUMNS",
+]
 
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 VOLUME_COLUMNS = ("case", "organ_ml", "tumor_ml", "organ_and_tumor_ml", "output")
+#: the output folder's record of the label maps written into it (the only existing files inference may replace)
+VOLUMES_CSV = "volumes.csv"
+#: DICOM series converted to NIfTI go here, inside the output folder
+DICOM_NIFTI = ".dicom_nifti"
+#: dataset label folders and the image folder beside which they are labels
+_LABEL_DIRS = {"labelstr": "imagesTr", "labelsts": "imagesTs"}
+_KITS_LABEL = re.compile(r"^segmentation\.nii(\.gz)?$", re.IGNORECASE)
+_LITS_LABEL = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$", re.IGNORECASE)
 
 
 def _is_nifti(p: Path) -> bool:
@@ -48,41 +77,147 @@ def output_path(output_dir: str | os.PathLike, image: str | os.PathLike) -> Path
     return Path(output_dir) / f"{case_id(str(image))}.nii.gz"
 
 
-def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """List the volumes to segment, converting DICOM series to NIfTI first.
+def is_label_file(path: str | os.PathLike) -> bool:
+    """Whether a NIfTI file is the label map of a dataset layout, beside its image (not an input to segment).
 
-    NIfTI files are found anywhere below ``input_dir``; a folder holding DICOM files (with or without an
-    extension) is converted with ``pipelines.dicom_to_nifti`` into ``<output_dir>/.dicom_nifti/`` (one NIfTI
-    per series; patient identifiers are not carried over).
+    KiTS19 ``case_X/segmentation.nii.gz`` next to ``imaging.nii.gz``; LiTS ``segmentation-N.nii`` next to
+    ``volume-N.nii``; nnU-Net/MSD ``labelsTr/*`` (``labelsTs/*``) next to an ``imagesTr`` (``imagesTs``) folder.
+
+    Args:
+        path: a NIfTI file.
+
+    Returns:
+        True for a label file of one of these layouts.
+    """
+    p = Path(path)
+    if _KITS_LABEL.match(p.name):
+        return any((p.parent / f"imaging{suffix}").exists() for suffix in NIFTI_SUFFIXES)
+    m = _LITS_LABEL.match(p.name)
+    if m:
+        return any((p.parent / f"volume-{m.group(1)}{suffix}").exists() for suffix in NIFTI_SUFFIXES)
+    images = _LABEL_DIRS.get(p.parent.name.lower())
+    return images is not None and (p.parent.parent / images).is_dir()
+
+
+def previous_outputs(output_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """The label maps an earlier inference wrote into ``output_dir``: rows of its ``volumes.csv`` by output file name.
+
+    Args:
+        output_dir: the inference output folder.
+
+    Returns:
+        ``{file name: [case, organ_ml, tumor_ml, organ_and_tumor_ml, output]}``; empty without a readable
+        ``volumes.csv`` (then no existing file may be replaced).
+    """
+    path = Path(output_dir) / VOLUMES_CSV
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not set(VOLUME_COLUMNS) <= set(reader.fieldnames):
+                logger.warning("%s is not a volumes.csv of this tool (columns %s): no existing output is replaced", path, reader.fieldnames)
+                return {}
+            rows = [[row[c] for c in VOLUME_COLUMNS] for row in reader]
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        logger.warning("cannot read %s (%s): no existing output is replaced", path, e)
+        return {}
+    return {Path(r[-1]).name: r for r in rows if r[-1]}
+
+
+def _ours(path: Path, out: Path, previous: Mapping[str, Any]) -> bool:
+    """A file under ``out`` that inference wrote: volumes.csv, a listed label map, a DICOM conversion, a temp file."""
+    rel = path.relative_to(out)
+    if rel.parts and rel.parts[0] == DICOM_NIFTI:
+        return True
+    if len(rel.parts) != 1:
+        return False
+    return path.name == VOLUMES_CSV or path.name in previous or (path.name.startswith(".") and TMP_MARKER in path.name)
+
+
+def check_input_volume(path: str | os.PathLike) -> None:
+    """Refuse an input volume inference would get wrong: unreadable, not 3D, or without a defined voxel spacing.
+
+    Args:
+        path: a NIfTI file.
+
+    Raises:
+        ValueError: naming the file: it cannot be read, is 2D or 4D, or its spacing is zero / invented
+            (see ``pipelines.check_dataset.spacing_problems``).
+    """
+    from pipelines.check_dataset import spacing_problems
+
+    p = Path(path)
+    try:
+        image = nib.load(str(p))
+    except Exception as e:  # noqa: BLE001 - any reader failure is one clear message naming the file
+        raise ValueError(f"input {p} cannot be read as NIfTI ({type(e).__name__}: {e}); fix it or remove it from --input_dir.") from e
+    shape = tuple(int(v) for v in image.shape)
+    if len(shape) < 3:
+        raise ValueError(f"input {p} is {len(shape)}D (shape {shape}); inference segments 3D CT volumes.")
+    if any(v != 1 for v in shape[3:]):
+        raise ValueError(f"input {p} is 4D (shape {shape}); give one 3D volume per file.")
+    errors = [q.message for q in spacing_problems(image, p) if q.severity == "error"]
+    if errors:
+        raise ValueError(f"input {p}: {errors[0]}.")
+
+
+def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """List the volumes to segment, converting DICOM series to NIfTI first, and make sure no file can be lost.
+
+    NIfTI files are found anywhere below ``input_dir`` (label files of a dataset layout are skipped, see
+    :func:`is_label_file`); a folder holding DICOM files (with or without an extension) is converted with
+    ``pipelines.dicom_to_nifti`` into ``<output_dir>/.dicom_nifti/`` (one NIfTI per series; patient identifiers are
+    not carried over). Every input is checked (:func:`check_input_volume`) before any inference.
 
     Args:
         input_dir: folder of NIfTI volumes and/or DICOM series, or a single NIfTI file.
-        output_dir: the inference output folder (label maps go here).
+        output_dir: the inference output folder (label maps go here). It must not be ``input_dir``; inside it, it
+            may hold only this tool's earlier outputs.
 
     Returns:
         ``[{"image": path}]`` sorted by path.
 
     Raises:
-        ValueError: a missing input, nothing to segment, two inputs with the same case name, or an output that
-            would overwrite an input.
+        ValueError: a missing input, nothing to segment, a bad input volume, two inputs with the same case name, an
+            output folder that is (or mixes with) the input folder, or an output that would replace an input or a
+            file no earlier inference into ``output_dir`` wrote.
     """
     src = Path(input_dir)
     out = Path(output_dir)
     if not src.exists():
         raise ValueError(f"input_dir {src} does not exist; pass --input_dir <folder of NIfTI volumes or DICOM series>.")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file; pass a folder for the label maps (--output_dir).")
+    previous = previous_outputs(out)
+    src_r, out_r = src.resolve(), out.resolve()
     if src.is_file():
         if not _is_nifti(src):
             raise ValueError(f"{src} is not a NIfTI file (.nii/.nii.gz); pass a folder for DICOM series.")
         images = [src]
     else:
-        # outputs of an earlier run inside input_dir (output_dir below it) are not inputs
-        nested_out = out.resolve() != src.resolve() and src.resolve() in out.resolve().parents
-        images = sorted(
-            p for p in src.rglob("*") if _is_nifti(p) and not (nested_out and out.resolve() in p.resolve().parents)
-        )
-        dicom_dirs = sorted({p.parent for p in src.rglob("*") if p.is_file() and not _is_nifti(p) and _looks_dicom(p)})
+        if out_r == src_r:
+            raise ValueError(
+                f"output_dir {out} is the input folder: writing label maps there would overwrite the inputs or mix "
+                f"with them (and be read as inputs by the next run); choose an --output_dir outside {src}."
+            )
+        nested = src_r in out_r.parents
+        if nested and out.is_dir():
+            foreign = sorted(p for p in out.rglob("*") if (p.is_file() or p.is_symlink()) and not _ours(p, out, previous))
+            if foreign:
+                raise ValueError(
+                    f"output_dir {out} lies inside input_dir {src} and holds files this tool did not write (e.g. "
+                    f"{foreign[0]}): they would be skipped as inputs or overwritten; choose an --output_dir outside {src}."
+                )
+        found = [p for p in src.rglob("*") if not (nested and (out_r == p.resolve() or out_r in p.resolve().parents))]
+        candidates = [p for p in found if _is_nifti(p)]
+        labels = [p for p in candidates if is_label_file(p)]
+        if labels:
+            logger.info("skipping %d label file(s) of the dataset layout in %s (e.g. %s)", len(labels), src, labels[0])
+        images = sorted(set(candidates) - set(labels))
+        dicom_dirs = sorted({p.parent for p in found if p.is_file() and not _is_nifti(p) and _looks_dicom(p)})
         if dicom_dirs:
-            conv = out / ".dicom_nifti"
+            conv = out / DICOM_NIFTI
             for d in dicom_dirs:
                 rel = d.relative_to(src)
                 target = conv / ("_".join(rel.parts) if rel.parts else src.name)
@@ -99,6 +234,13 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
         if name in seen:
             raise ValueError(f"inputs {seen[name]} and {p} would both be written to {target}; segment them separately.")
         seen[name] = p
+        if (target.exists() or target.is_symlink()) and (target.is_dir() or name not in previous):
+            raise ValueError(
+                f"{target} exists and no earlier inference into {out} wrote it (its {VOLUMES_CSV} does not list it): "
+                "refusing to overwrite it; choose an empty --output_dir."
+            )
+    for p in images:
+        check_input_volume(p)
     return [{"image": str(p)} for p in images]
 
 
@@ -142,11 +284,14 @@ def convert_dicom(series_dir: str | os.PathLike, target: str | os.PathLike) -> l
 
 
 class WriteLabelMapd(MapTransform):
-    """Write the (inverted) label map of each case as NIfTI, atomically, and record its volumes.
+    """Write the (inverted) label map of each case as NIfTI, atomically, and record it in ``volumes.csv``.
 
     Expects ``data[key]`` of shape (1, *spatial) holding integer labels in the ORIGINAL geometry (after
     ``Invertd``), as a MetaTensor whose affine is the input's. The file is written to a temporary name in the
-    output folder and moved into place with ``os.replace``; an existing file equal to an input is refused.
+    output folder and moved into place with ``os.replace``. A destination that exists is replaced only when an
+    earlier run into the same folder wrote it (its ``volumes.csv`` lists it) or this run did; an input is never
+    replaced. After every case ``<output_dir>/volumes.csv`` is rewritten (atomically) with the rows of this run and
+    those of earlier runs whose label maps are still there, so a crashed run's outputs stay replaceable.
 
     Args:
         keys: the prediction key (``"pred"``).
@@ -162,6 +307,18 @@ class WriteLabelMapd(MapTransform):
         self.image_key = image_key
         self.organ_label, self.tumor_label = int(organ_label), int(tumor_label)
         self.rows: list[list[Any]] = []
+        # read before this run writes anything: the label maps earlier runs wrote into this folder
+        self.previous = previous_outputs(self.output_dir)
+
+    def all_rows(self) -> list[list[Any]]:
+        """This run's rows plus the earlier runs' rows whose label maps this run did not rewrite and still exist.
+
+        Returns:
+            rows of :data:`VOLUME_COLUMNS`, sorted by case.
+        """
+        mine = {Path(str(r[-1])).name for r in self.rows}
+        kept = [r for name, r in self.previous.items() if name not in mine and (self.output_dir / name).is_file()]
+        return sorted(kept + self.rows, key=lambda r: str(r[0]))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -177,17 +334,22 @@ class WriteLabelMapd(MapTransform):
             target = output_path(self.output_dir, src)
             if target.resolve() == Path(src).resolve():
                 raise ValueError(f"refusing to overwrite the input {src}.")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name[:-7]}.tmp{os.getpid()}.nii.gz")
+            written = {Path(str(r[-1])).name for r in self.rows}
+            if (target.exists() or target.is_symlink()) and target.name not in self.previous and target.name not in written:
+                raise ValueError(
+                    f"refusing to overwrite {target}: it exists and no inference into {self.output_dir} wrote it "
+                    f"(not in its {VOLUMES_CSV}); choose an empty output folder."
+                )
             img = nib.Nifti1Image(arr, affine)
             img.header.set_data_dtype(np.uint8)
             img.header.set_xyzt_units("mm")
-            nib.save(img, str(tmp))
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp, img=img: nib.save(img, str(tmp)))
             vox = voxel_volume_ml(affine)
             organ = float((arr == self.organ_label).sum()) * vox
             tumor = float((arr == self.tumor_label).sum()) * vox
+            self.rows = [r for r in self.rows if Path(str(r[-1])).name != target.name]
             self.rows.append([case_id(src), organ, tumor, organ + tumor, str(target)])
+            write_csv_atomic(self.output_dir / VOLUMES_CSV, VOLUME_COLUMNS, self.all_rows())
             logger.info("wrote %s (organ %.1f mL, tumor %.1f mL)", target, organ, tumor)
         return d
 
@@ -196,7 +358,8 @@ class VolumesCsvWriter:
     """At the end of inference, write ``volumes.csv`` (``case, organ_ml, tumor_ml, organ_and_tumor_ml, output``).
 
     Args:
-        writer: the :class:`WriteLabelMapd` of the postprocessing chain (its recorded rows are written).
+        writer: the :class:`WriteLabelMapd` of the postprocessing chain (its recorded rows are written, with the
+            rows of earlier runs into the same folder whose label maps are still there).
         path: CSV destination (written atomically).
     """
 
@@ -209,6 +372,6 @@ class VolumesCsvWriter:
 
     def __call__(self, engine: Engine) -> None:
         """Write the CSV rows recorded so far, sorted by case."""
-        rows = sorted(self.writer.rows, key=lambda r: r[0])
+        rows = self.writer.all_rows()
         write_csv_atomic(self.path, VOLUME_COLUMNS, rows)
         logger.info("wrote %s (%d cases)", self.path, len(rows))

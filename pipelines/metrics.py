@@ -228,17 +228,20 @@ def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Seque
 
     Returns:
         the destination path.
+
+    Raises:
+        OSError: the folder cannot be written (no temporary file is left behind).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(list(header))
-        for r in rows:
-            w.writerow(list(r))
-    os.replace(tmp, path)
-    return path
+    from pipelines.atomic import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(list(header))
+            for r in rows:
+                w.writerow(list(r))
+
+    return atomic_write(path, write)
 
 
 def summarize_cases(values: dict[str, np.ndarray]) -> list[list[object]]:

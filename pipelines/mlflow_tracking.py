@@ -20,14 +20,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from monai.handlers import MLFlowHandler
+
 __all__ = [
     "default_tracking_uri",
+    "check_tracking_uri",
     "unique_run_name",
     "file_sha256",
     "run_params",
     "save_executed_config",
     "find_runs",
     "kd_params",
+    "TaggedMLFlowHandler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,59 @@ def default_tracking_uri(output_dir: str | os.PathLike, tracking_uri: str | None
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out / 'mlruns.db'}"
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
+    """Cheap checks of a tracking store before long work (the preflight), instead of failing after it.
+
+    An ``http(s)://`` server must accept a TCP connection within ``timeout`` seconds (MLflow itself retries for
+    minutes; not checked when a proxy is configured for it); an existing ``sqlite:///`` file must be a readable SQLite
+    database (a corrupt ``mlruns.db`` is named).
+
+    Args:
+        uri: the tracking URI (:func:`default_tracking_uri`).
+        timeout: seconds to wait for the server.
+
+    Returns:
+        ``uri``.
+
+    Raises:
+        ValueError: an unreachable server or a corrupt SQLite store, naming it.
+    """
+    import socket
+    import sqlite3
+    from urllib.parse import urlparse
+    from urllib.request import getproxies, proxy_bypass
+
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https") and parsed.scheme in getproxies() and not proxy_bypass(parsed.hostname or ""):
+        logger.info("tracking server %s is reached through a proxy: not checked before the run", uri)
+    elif parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "", port), timeout=timeout).close()
+        except OSError as e:
+            raise ValueError(
+                f"MLflow tracking server {uri} is not reachable within {timeout:g} s ({e.strerror or e}); check "
+                "--tracking_uri, or omit it to track in sqlite:///<output_dir>/mlruns.db."
+            ) from e
+    elif parsed.scheme == "sqlite" and uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :])
+        if path.is_file():
+            try:
+                con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
+                try:
+                    verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+                finally:
+                    con.close()
+            except sqlite3.Error as e:
+                verdict = str(e)
+            if verdict != "ok":
+                raise ValueError(
+                    f"the MLflow store {path} is not a readable SQLite database ({verdict}); move it aside (it holds "
+                    "the earlier runs' history) or pass another --tracking_uri."
+                )
+    return uri
 
 
 def unique_run_name(role: str) -> str:
@@ -131,12 +188,9 @@ def save_executed_config(path: str | os.PathLike, extra: Mapping[str, Any] | Non
         content["_meta_"] = parser.get("_meta_", {})
     if extra:
         content["resolved"] = dict(extra)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=1, default=str))
-    os.replace(tmp, p)
-    return str(p)
+    from pipelines.atomic import atomic_write_json
+
+    return str(atomic_write_json(path, content, indent=1, default=str))
 
 
 def find_runs(tracking_uri: str, experiment_name: str) -> list[Any]:
@@ -157,3 +211,31 @@ _KD_NAMES = {"lam": "lambda", "temperature": "T"}
 def kd_params(weights: Mapping[str, Any]) -> dict[str, Any]:
     """Distillation weights under their paper names (``lam`` -> ``lambda``, ``temperature`` -> ``T``)."""
     return {_KD_NAMES.get(k, k): v for k, v in dict(weights).items()}
+
+
+class TaggedMLFlowHandler(MLFlowHandler):
+    """MONAI's ``MLFlowHandler`` that also sets tags on its run when the engine starts (the bundles' ``run_tags``).
+
+    The bundle knob ``--run_tags "{'mlflow.parentRunId': '<id>'}"`` nests the run under a parent run in the MLflow
+    UI (``pipelines.experiment`` links every arm's training and evaluation runs to its experiment run this way).
+    With no tags it behaves exactly as ``MLFlowHandler``.
+
+    Args:
+        args: ``MLFlowHandler`` arguments.
+        run_tags: ``{tag: value}`` set on the run (values as strings); ``None`` or ``{}`` sets none.
+        kwargs: ``MLFlowHandler`` keyword arguments.
+    """
+
+    def __init__(self, *args: Any, run_tags: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_tags = {str(k): str(v) for k, v in dict(run_tags or {}).items()}
+        self._tagged: str | None = None
+
+    def start(self, engine: Any) -> None:
+        """Start (or attach to) the run as ``MLFlowHandler`` does, then set the tags once per run."""
+        super().start(engine)
+        if self.run_tags and self.cur_run is not None and self._tagged != self.cur_run.info.run_id:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.cur_run.info.run_id, tags=[RunTag(k, v) for k, v in self.run_tags.items()])
+            self._tagged = self.cur_run.info.run_id

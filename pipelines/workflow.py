@@ -7,12 +7,14 @@ tested and documented once. The names below are referenced from ``bundles/common
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
-import shutil
+import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,18 @@ from ignite.engine import Engine, Events
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.inferers import Inferer, SimpleInferer, SliceInferer, SlidingWindowInferer
 
+from pipelines.atomic import atomic_copy, atomic_torch_save, atomic_write_text, same_bytes
 from pipelines.metrics import RegionMetric
 
 __all__ = [
     "BundleInputError",
     "as_bool",
+    "optional_knob",
     "resolve_splits",
     "load_split",
+    "TrainingOutput",
+    "guard_training_output",
+    "release_output_dir",
     "preflight",
     "run_check_dataset",
     "check_teacher_checkpoint",
@@ -40,6 +47,7 @@ __all__ = [
     "EpochAverager",
     "TrainCheckpointer",
     "load_checkpoint",
+    "load_torch_file",
     "network_from_checkpoint",
     "checkpoint_settings",
     "atomic_torch_save",
@@ -87,11 +95,184 @@ def as_bool(value: Any) -> bool:
     return bool(value)
 
 
+def optional_knob(value: Any) -> Any:
+    """A knob whose documented "unset" is ``null``: the CLI passes ``--in_plane_size null`` as the string ``"null"``.
+
+    Args:
+        value: the knob value.
+
+    Returns:
+        None for None or the strings null/none/"" (any case), else ``value`` unchanged.
+    """
+    if isinstance(value, str) and value.strip().lower() in ("", "null", "none"):
+        return None
+    return value
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 
 #: task -> datalist preset holding out the paper's test share (KiTS19 168:42, LiTS 131:70)
 TASK_PRESETS = {"kits": "kits19", "lits": "lits"}
+
+
+#: lock file a training run holds (``fcntl.flock``) in its output folder
+LOCK_NAME = ".lock"
+#: output folders this process holds the lock of: resolved path -> open file descriptor
+_HELD_LOCKS: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class TrainingOutput:
+    """What :func:`guard_training_output` established about a training run's output folder.
+
+    Attributes:
+        output_dir: the folder (created, locked by this process on rank 0).
+        resume: the run continues ``last_path``.
+        overwrite: the run replaces an earlier run's checkpoints.
+        last_path: ``<output_dir>/checkpoints/last.pt``.
+        splits_sha256: the split hash stored in ``last_path`` when resuming ("" otherwise).
+        epoch: the epoch stored in ``last_path`` when resuming (0 otherwise).
+    """
+
+    output_dir: str
+    resume: bool
+    overwrite: bool
+    last_path: str
+    splits_sha256: str = ""
+    epoch: int = 0
+
+
+def _lock_output_dir(d: Path) -> None:
+    """Hold an exclusive ``flock`` on ``<d>/.lock`` until the process exits (re-entrant within a process)."""
+    key = str(d.resolve())
+    lock = d / LOCK_NAME
+    if key in _HELD_LOCKS:
+        try:
+            if os.fstat(_HELD_LOCKS[key]).st_ino == os.stat(lock).st_ino:
+                return  # this process already holds it
+        except OSError:
+            pass
+        os.close(_HELD_LOCKS.pop(key))  # the folder was removed and made again: lock the new file
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise BundleInputError(
+            f"output_dir {d} is not writable ({e.strerror}: {lock}); choose a folder you can write to (--output_dir)."
+        ) from e
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        logger.warning("no fcntl on this platform: %s is not locked against a second training run", d)
+        os.close(fd)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = ""
+        try:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        except OSError:
+            pass
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            who = f"pid {holder.split()[0]}" if holder else "another process"
+            raise BundleInputError(
+                f"output_dir {d} is in use by another training run ({who}, lock {lock}); wait for it to finish or "
+                "choose another --output_dir."
+            ) from e
+        logger.warning("cannot lock %s (%s): a second training run into %s would not be stopped", lock, e.strerror, d)
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise BundleInputError(f"output_dir {d} is not writable ({e.strerror}: {lock}); choose another --output_dir.") from e
+    _HELD_LOCKS[key] = fd
+
+
+def release_output_dir(output_dir: str | os.PathLike) -> bool:
+    """Release the lock :func:`guard_training_output` took on ``output_dir`` (the lock file stays).
+
+    The lock is otherwise released when the process exits; in-process callers (tests, notebooks) may release it.
+
+    Args:
+        output_dir: the training output folder.
+
+    Returns:
+        True when this process held the lock.
+    """
+    fd = _HELD_LOCKS.pop(str(Path(output_dir).resolve()), None)
+    if fd is None:
+        return False
+    os.close(fd)  # closing the descriptor releases the flock
+    return True
+
+
+def guard_training_output(
+    output_dir: str | os.PathLike,
+    *,
+    resume: Any = False,
+    overwrite: Any = False,
+    lock: Any = True,
+    ckpt_subdir: str = "checkpoints",
+) -> TrainingOutput:
+    """Claim a training run's output folder before anything is written into it (the first preflight step).
+
+    Creates ``output_dir``, takes an exclusive lock on ``<output_dir>/.lock`` (held until the process exits; a second
+    run into the same folder stops here, naming the holder's pid), and refuses to start over an earlier run's
+    checkpoints unless ``--resume true`` (continue ``last.pt``, which must exist and load) or ``--overwrite true``
+    (replace them).
+
+    Args:
+        output_dir: the bundle's ``--output_dir``.
+        resume: ``--resume``: continue from ``<output_dir>/<ckpt_subdir>/last.pt``.
+        overwrite: ``--overwrite``: allow replacing an earlier run's ``best.pt``/``last.pt``.
+        lock: take the lock (rank 0 of a multi-GPU run; the other ranks only check).
+        ckpt_subdir: checkpoint folder inside ``output_dir``.
+
+    Returns:
+        a :class:`TrainingOutput` (truthy), whose ``splits_sha256`` lets :func:`resolve_splits` check that a resumed
+        run keeps its split.
+
+    Raises:
+        BundleInputError: both resume and overwrite; an output folder that cannot be created or written; a folder
+            locked by another run; an earlier run's checkpoints without resume/overwrite; resume without a loadable
+            ``last.pt``.
+    """
+    d = Path(output_dir)
+    resume, overwrite = as_bool(resume), as_bool(overwrite)
+    if resume and overwrite:
+        raise BundleInputError(
+            "--resume true and --overwrite true contradict each other: resume continues the run in --output_dir, "
+            "overwrite starts a new one over it; pass only one."
+        )
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BundleInputError(f"output_dir {d} cannot be created ({e.strerror or e}); choose another --output_dir.") from e
+    if as_bool(lock):
+        _lock_output_dir(d)
+    ckpt_dir = d / ckpt_subdir
+    last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    if resume:
+        if not last.is_file():
+            raise BundleInputError(f"--resume true but {last} does not exist (nothing to resume); start without --resume.")
+        ckpt = load_torch_file(last, "the checkpoint to resume")
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+            raise BundleInputError(f"{last} is not a ctdistill training checkpoint (no 'model'/'epoch'); cannot resume from it.")
+        logger.info("resuming %s from epoch %s", last, ckpt.get("epoch"))
+        return TrainingOutput(str(d), True, False, str(last), str(ckpt.get("splits_sha256") or ""), int(ckpt["epoch"]))
+    existing = [p for p in (last, best) if p.exists()]
+    if existing and not overwrite:
+        raise BundleInputError(
+            f"{existing[0]} exists: output_dir {d} holds an earlier training run. Pass --resume true to continue it, "
+            "--overwrite true to replace its checkpoints, or choose another --output_dir."
+        )
+    if existing:
+        logger.warning("--overwrite true: the checkpoints in %s are replaced by this run's", ckpt_dir)
+    return TrainingOutput(str(d), False, overwrite, str(last))
 
 
 def resolve_splits(
@@ -100,6 +281,7 @@ def resolve_splits(
     seed: int = 0,
     splits_file: str | None = None,
     task: str | None = "kits",
+    guard: TrainingOutput | None = None,
 ) -> str:
     """Return the split JSON to use, writing one into ``output_dir`` when the dataset has none.
 
@@ -107,6 +289,7 @@ def resolve_splits(
     ``<dataset_dir>/splits.json``; else ``pipelines.datalist`` detects the layout and writes
     ``<output_dir>/splits.json`` (deterministic for a seed; the task's preset holds out the paper's test share,
     so training, evaluation and the demo agree on the held-out volumes). Nothing is written into ``dataset_dir``.
+    The split is written once: an identical existing file is kept as it is.
 
     Args:
         dataset_dir: the user's data folder (KiTS19, LiTS, nnU-Net/MSD layouts, or a split JSON).
@@ -114,13 +297,40 @@ def resolve_splits(
         seed: split seed.
         splits_file: an explicit split JSON, or None/"".
         task: ``kits`` or ``lits`` (selects the datalist preset), None for no test hold-out.
+        guard: a training run's :func:`guard_training_output` result (a config reference, so the output folder is
+            claimed before the split is written). When it resumes, the split must be the one the checkpoint was
+            trained on (same SHA-256), and ``<output_dir>/splits.json`` is never rewritten.
 
     Returns:
         the path of the split JSON.
 
     Raises:
-        BundleInputError: no dataset_dir, a missing folder, or a folder without recognisable data.
+        BundleInputError: no dataset_dir, a missing or unreadable folder, a folder without recognisable data, a
+            ``<output_dir>/splits.json`` not written by ``pipelines.datalist``, or (resuming) a split that differs
+            from the checkpoint's.
     """
+    path = _resolve_split_path(dataset_dir, output_dir, seed, splits_file, task, guard)
+    if guard is not None and guard.resume and guard.splits_sha256:
+        from pipelines.mlflow_tracking import file_sha256
+
+        if file_sha256(path) != guard.splits_sha256:
+            raise BundleInputError(
+                f"the split {path} differs from the one {guard.last_path} was trained on (SHA-256 mismatch): resuming "
+                "would mix training and held-out cases. Resume with --splits_file "
+                f"{Path(guard.last_path).parent / 'splits.json'} (the split saved with the checkpoints), or start anew "
+                "with --overwrite true."
+            )
+    return path
+
+
+def _resolve_split_path(
+    dataset_dir: str | os.PathLike | None,
+    output_dir: str | os.PathLike,
+    seed: int,
+    splits_file: str | None,
+    task: str | None,
+    guard: TrainingOutput | None,
+) -> str:
     if splits_file:
         if not Path(splits_file).is_file():
             raise BundleInputError(f"splits_file {splits_file} does not exist.")
@@ -137,11 +347,25 @@ def resolve_splits(
     from pipelines import datalist
 
     out = Path(output_dir) / "splits.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        datalist.write_datalist(d, out, seed=int(seed), preset=TASK_PRESETS.get(task or ""))
-    except (ValueError, FileNotFoundError) as e:
+        result = datalist.build_datalist(d, seed=int(seed), preset=TASK_PRESETS.get(task or ""))
+    except OSError as e:
+        raise BundleInputError(f"dataset_dir {d}: cannot read {e.filename or d} ({e.strerror or e}).") from e
+    except ValueError as e:
         raise BundleInputError(f"dataset_dir {d} holds no dataset this product reads: {e}") from e
+    text = datalist.datalist_text(result)
+    if same_bytes(out, text.encode()):
+        logger.info("split %s unchanged (kept as written before)", out)
+        return str(out)
+    if guard is not None and guard.resume and out.exists():
+        raise BundleInputError(
+            f"{out}, the split this run started with, differs from the split computed now from {d} (the dataset "
+            f"changed?): resume with --splits_file {out} to keep it, or start anew with --overwrite true."
+        )
+    try:
+        datalist.save_datalist(result, out)
+    except (ValueError, OSError) as e:
+        raise BundleInputError(f"cannot write the split {out}: {e}") from e
     return str(out)
 
 
@@ -173,18 +397,22 @@ def load_split(splits_file: str | os.PathLike, section: str | Sequence[str], lab
     raise BundleInputError(f"{splits_file} has no {what} in {section!r}; sections present: {[k for k in data if k != 'meta']}.")
 
 
-def check_teacher_checkpoint(path: str | os.PathLike | None, role: str) -> bool:
-    """KD roles: stop unless ``path`` is an existing checkpoint holding trained weights.
+def check_teacher_checkpoint(path: str | os.PathLike | None, role: str, method: str | None = None) -> bool:
+    """KD roles: stop unless ``path`` is an existing checkpoint holding trained weights (and trained heads).
 
     Args:
         path: the ``--teacher_ckpt`` value.
         role: the bundle role (for the message).
+        method: the distillation method; when given, the teacher is rebuilt from the checkpoint and every prediction
+            head the method reads must have been trained (``distill.plan.check_trained_heads``: HLFD's UPD reads the
+            UNet++ intermediate heads, which only a teacher trained with deep supervision has trained).
 
     Returns:
         True.
 
     Raises:
-        BundleInputError: no path, a missing file, a file without weights, or a checkpoint saved before any epoch.
+        BundleInputError: no path, a missing file, a file without weights, a checkpoint saved before any epoch, or
+            a teacher whose heads the method reads were never trained.
     """
     if not path:
         raise BundleInputError(
@@ -204,6 +432,14 @@ def check_teacher_checkpoint(path: str | os.PathLike | None, role: str) -> bool:
     ckpt = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(ckpt, dict) and int(ckpt.get("epoch", 1)) == 0:
         raise BundleInputError(f"teacher checkpoint {p} was saved before any training epoch (untrained).")
+    if method and method != "none":
+        import distill
+        from distill.plan import check_trained_heads
+
+        try:
+            check_trained_heads(distill.load_teacher(p), distill.method_class(method).TEACHER_ROLES)
+        except ValueError as e:
+            raise BundleInputError(f"teacher checkpoint {p}: {e}") from e
     return True
 
 
@@ -286,6 +522,7 @@ def preflight(
     in_plane_size: Sequence[int] | None = None,
     pixdim: Sequence[float] | None = None,
     teacher_check: Any = True,
+    tracking_uri: str | None = None,
 ) -> bool:
     """Every check that must pass before a bundle starts long work.
 
@@ -299,13 +536,23 @@ def preflight(
         pixdim: resampling spacing before the cache (memory estimate).
         teacher_check: the result of :func:`check_teacher_checkpoint` in KD roles (a config reference, so the
             teacher is checked before anything else); ignored otherwise.
+        tracking_uri: the MLflow store: a server must answer within seconds, a SQLite file must be a database
+            (``pipelines.mlflow_tracking.check_tracking_uri``); None skips the check.
 
     Returns:
         True (so it can sit in a bundle's expression list).
 
     Raises:
-        BundleInputError: with every integrity message, or the teacher / memory problem.
+        BundleInputError: with every integrity message, or the teacher / memory / tracking-store problem.
     """
+    in_plane_size, pixdim = optional_knob(in_plane_size), optional_knob(pixdim)
+    if tracking_uri:
+        from pipelines.mlflow_tracking import check_tracking_uri
+
+        try:
+            check_tracking_uri(str(tracking_uri))
+        except ValueError as e:
+            raise BundleInputError(str(e)) from e
     entries: list[dict] = []
     data = json.loads(Path(splits_file).read_text())
     for s in sections:
@@ -413,7 +660,8 @@ class EpochAverager:
     """Average scalar entries of the trainer output over each epoch into ``engine.state.metrics``.
 
     Collects ``loss`` (as ``train_loss``) and every ``kd_*`` entry the distillation handler stores in the engine
-    output, plus the learning rate, so StatsHandler and MLflow log them once per epoch.
+    output, plus the learning rate the epoch trained with (read at ``EPOCH_STARTED``, before the per-epoch scheduler
+    steps), so StatsHandler and MLflow log them once per epoch.
 
     Args:
         prefix_keys: output keys (or prefixes ending with ``*``) to average.
@@ -437,6 +685,8 @@ class EpochAverager:
 
     def _reset(self, engine: Engine) -> None:
         self._sum, self._n = {}, {}
+        # the lr this epoch trains with (the scheduler steps at EPOCH_COMPLETED, before this handler publishes)
+        self._lr = float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else None
 
     def _collect(self, engine: Engine) -> None:
         out = engine.state.output
@@ -458,18 +708,8 @@ class EpochAverager:
         """Publish the epoch means (``loss`` -> ``train_loss``)."""
         for k, s in self._sum.items():
             engine.state.metrics["train_loss" if k == "loss" else k] = s / max(self._n[k], 1)
-        if self.optimizer is not None:
-            engine.state.metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+        if getattr(self, "_lr", None) is not None:
+            engine.state.metrics["lr"] = self._lr
 
 
 class TrainCheckpointer:
@@ -485,7 +725,10 @@ class TrainCheckpointer:
     ``splits.json`` (copy of the split file) and ``settings.json``. Only rank 0 writes.
 
     With ``resume=True``, ``last.pt`` is loaded when training starts (every rank) and training continues with
-    the next epoch, so a killed run loses at most the epoch in progress.
+    the next epoch, so a killed run loses at most the epoch in progress. Checkpoints are loaded with
+    ``weights_only=True`` and written atomically (:mod:`pipelines.atomic`); ``splits.json`` and ``settings.json`` are
+    written once (an identical file is left alone). Whether the folder may be written at all (an earlier run's
+    checkpoints, another run holding it) is decided before, by :func:`guard_training_output`.
 
     Args:
         ckpt_dir: checkpoint folder.
@@ -522,6 +765,8 @@ class TrainCheckpointer:
         self.settings = _plain(dict(settings or {}))
         self.best_metric, self.best_tie, self.best_epoch = -math.inf, -math.inf, 0
         self._trainer: Engine | None = None
+        # best.pt written by THIS run (or by the run being resumed): an earlier run's best.pt never survives a new run
+        self._best_saved = False
 
     @property
     def last_path(self) -> Path:
@@ -567,7 +812,10 @@ class TrainCheckpointer:
         if self.resume:
             if not self.last_path.is_file():
                 raise BundleInputError(f"--resume true but {self.last_path} does not exist; start without --resume.")
-            ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False)
+            ckpt = load_torch_file(self.last_path, "the checkpoint to resume")
+            if not isinstance(ckpt, dict) or "model" not in ckpt:
+                raise BundleInputError(f"{self.last_path} is not a ctdistill training checkpoint (no 'model'); cannot resume from it.")
+            self._best_saved = self.best_path.is_file()
             unwrap(self.network).load_state_dict(ckpt["model"])
             if self.distiller is not None and ckpt.get("distiller") is not None:
                 unwrap(self.distiller).load_state_dict(ckpt["distiller"])
@@ -586,13 +834,13 @@ class TrainCheckpointer:
                 logger.warning("checkpoint epoch %d >= epochs %d: nothing left to train", engine.state.epoch, max_epochs)
         if self._rank0():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if self.splits_file and Path(self.splits_file).resolve() != (self.ckpt_dir / "splits.json").resolve():
-                tmp = self.ckpt_dir / f".splits.json.tmp{os.getpid()}"
-                shutil.copyfile(self.splits_file, tmp)
-                os.replace(tmp, self.ckpt_dir / "splits.json")
-            tmp = self.ckpt_dir / f".settings.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(self.settings, indent=1))
-            os.replace(tmp, self.ckpt_dir / "settings.json")
+            split_copy = self.ckpt_dir / "splits.json"
+            if self.splits_file and Path(self.splits_file).resolve() != split_copy.resolve():
+                if not same_bytes(split_copy, Path(self.splits_file).read_bytes()):
+                    atomic_copy(self.splits_file, split_copy)
+            settings = json.dumps(self.settings, indent=1)
+            if not same_bytes(self.ckpt_dir / "settings.json", settings.encode()):
+                atomic_write_text(self.ckpt_dir / "settings.json", settings)
 
     def _validated(self, evaluator: Engine) -> None:
         value = evaluator.state.metrics.get(self.key_metric)
@@ -607,6 +855,7 @@ class TrainCheckpointer:
             tie = -math.inf if t is None or math.isnan(float(t)) else float(t)
         if value > self.best_metric or (value == self.best_metric and tie > self.best_tie):
             self.best_metric, self.best_tie, self.best_epoch = value, tie, self._trainer.state.epoch
+            self._best_saved = True
             if self._rank0():
                 atomic_torch_save(self._state(self._trainer), self.best_path)
                 extra = f" ({self.tie_metric} {tie:.4f})" if self.tie_metric is not None else ""
@@ -616,9 +865,10 @@ class TrainCheckpointer:
         """Save ``last.pt`` (and ``best.pt`` when there is no evaluator yet), rank 0 only."""
         if not self._rank0():
             return
-        if self.evaluator is None or not self.best_path.exists():
-            # no validation ran (or no defined metric yet): keep a best.pt so evaluation/inference can run
+        if self.evaluator is None or not self._best_saved:
+            # no validation ran (or no defined metric yet): keep a best.pt of THIS run so evaluation/inference can run
             atomic_torch_save(self._state(engine), self.best_path)
+            self._best_saved = True
         atomic_torch_save(self._state(engine), self.last_path)
 
 
@@ -630,24 +880,65 @@ def _plain(x: Any) -> Any:
         return [_plain(v) for v in x]
     if isinstance(x, torch.Tensor):
         return x.tolist()
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
+    if x is None:
+        return None
+    # exact builtin types (numpy scalars subclass float/int): the checkpoints must load with weights_only=True
+    for kind in (bool, str, int, float):
+        if isinstance(x, kind):
+            return kind(x)
+    if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", None) == 0:  # numpy scalar
+        return _plain(x.item())
+    if hasattr(x, "tolist") and callable(x.tolist):  # numpy array
+        return _plain(x.tolist())
     raw = getattr(x, "_raw", None)
     if raw is not None:
         return _plain(raw)
     return str(x)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a bundle checkpoint on CPU.
+def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load`` of a user-supplied file on CPU with ``weights_only=True``: never runs code from the file.
+
+    Args:
+        path: the file.
+        what: what the file is (for the message), e.g. ``"the checkpoint to resume"``.
+
+    Returns:
+        the loaded object (dicts, lists, tensors, numbers, strings).
 
     Raises:
-        BundleInputError: a missing file or one without ``network`` weights.
+        BundleInputError: a missing file, or one that cannot be loaded as weights (truncated, not a PyTorch file, or
+            holding objects other than tensors and plain values, e.g. a pickle that would run code).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise BundleInputError(f"{what} {p} does not exist.")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message naming the file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise BundleInputError(
+            f"cannot load {what} {p}: it is truncated, not a PyTorch checkpoint, or holds objects other than weights "
+            f"(loaded with weights_only=True, never as code) [{type(e).__name__}: {first}]"
+        ) from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a bundle checkpoint on CPU, weights only (:func:`load_torch_file`).
+
+    Args:
+        path: the ``--checkpoint`` file.
+
+    Returns:
+        the checkpoint dict.
+
+    Raises:
+        BundleInputError: a missing or unloadable file, or one without ``model`` weights.
     """
     p = Path(path)
     if not p.is_file():
         raise BundleInputError(f"checkpoint {p} does not exist; train the role first or pass --checkpoint <path>.")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    ckpt = load_torch_file(p, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise BundleInputError(f"{p} is not a ctdistill bundle checkpoint (no 'model' weights).")
     return ckpt

@@ -16,6 +16,17 @@ SHARED_DATA = Path(os.environ.get("CTDISTILL_SHARED_DATA", REPO.parent / "shared
 torch.set_num_threads(1)
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a test's subprocess (a bundle run, a CLI): intra-op threads capped so that pytest workers and
+    their subprocesses never oversubscribe the cores (2 threads alone; 1 per process under pytest-xdist, where two
+    workers already fill a 2-core machine). Oversubscribed torch threads were measured 10x slower here."""
+    threads = os.environ.get("CTDISTILL_TEST_THREADS") or ("1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONWARNINGS="ignore")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    return env
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

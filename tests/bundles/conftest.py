@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,8 +34,7 @@ def run_bundle(run_id: str, config: str | list[str], *args: str, expect_ok: bool
     """``python -m monai.bundle run <run_id> --config_file <config> <args>`` from the repo root (2 threads)."""
     cfg = config if isinstance(config, str) else "[" + ",".join(f"'{c}'" for c in config) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", cfg, *args]
-    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = subprocess_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_ok and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]

@@ -14,6 +14,7 @@ import torch
 
 from pipelines.metrics import CASE_COLUMNS
 from tests.bundles.conftest import TINY, TINY_WIDTHS, run_bundle
+from tests.conftest import subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -235,7 +236,7 @@ def test_multi_gpu_overlay_on_cpu_gloo(cohort, teacher_run, tmp_path):
         "--output_dir", str(tmp_path), "--teacher_ckpt", str(teacher_run / "checkpoints" / "best.pt"),
         "--network_kwargs", TINY_WIDTHS["hlfd"], *TINY,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ck = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert ck["epoch"] == 1 and not any(k.startswith("module.") for k in ck["model"]), "weights saved unwrapped"

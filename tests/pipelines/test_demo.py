@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import sqlite3
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.demo import MethodResult, format_table, main, paired_difference
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,8 +74,7 @@ def test_tiny_demo_end_to_end(tmp_path):
     import networks
 
     out = tmp_path / "demo"
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "pipelines.demo", "--out", str(out), "--cases", "5", "--size", "32", "--epochs", "1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

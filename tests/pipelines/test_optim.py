@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 
@@ -83,3 +84,26 @@ def test_clipper_records_the_norm_and_clips_to_the_threshold():
     assert _E.state.output["grad_norm"] == pytest.approx(math.sqrt(43.0), rel=1e-6)
     with pytest.raises(ValueError, match="grad_clip"):
         GradientClipper(opt, -1.0)
+
+
+def test_logged_lr_is_the_lr_the_epoch_trained_with():
+    """EpochAverager publishes the lr read at EPOCH_STARTED, not the scheduler's next value (issue 11)."""
+    from monai.handlers import LrScheduleHandler
+
+    from pipelines.workflow import EpochAverager
+
+    net = torch.nn.Conv2d(1, 1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    sched = build_lr_scheduler(opt, 4, 0.0, warmup_epochs=1)
+    data = [{"image": torch.randn(1, 4, 4), "label": torch.zeros(1, 4, 4)}]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=4, train_data_loader=DataLoader(data, batch_size=1), network=net,
+        optimizer=opt, loss_function=lambda p, y: (p**2).mean(), decollate=False,
+        train_handlers=[LrScheduleHandler(sched, print_lr=False), EpochAverager(optimizer=opt)],
+    )  # fmt: skip
+    logged = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: logged.append(e.state.metrics["lr"]))
+    trainer.run()
+    # warm-up epoch at lr/2, then cosine over 3 epochs: 1e-3, 1e-3 (1 + cos(pi/3)) / 2, 1e-3 (1 + cos(2 pi/3)) / 2
+    want = [5e-4, 1e-3, 1e-3 * 0.75, 1e-3 * 0.25]
+    assert logged == pytest.approx(want, rel=1e-6)

@@ -1,0 +1,168 @@
+"""Atomic file writes shared by every tool: a temporary file in the destination folder, then ``os.replace``.
+
+A reader (or a crash) sees either the old file or the complete new one, never a half-written file; when the
+write fails (full disk, a killed process raising, an unpicklable object, ...) the temporary file is removed and the
+destination is left as it was. Temporary names start with ``.`` and contain ``.tmp``, in the destination folder (so
+``os.replace`` stays on one filesystem).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TMP_MARKER",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_copy",
+    "atomic_torch_save",
+    "same_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+#: every temporary file name holds this (tests look for leftovers with it)
+TMP_MARKER = ".tmp"
+
+
+def _suffix(name: str) -> str:
+    """The extension a format-sniffing writer needs on the temporary file (``.nii.gz``, ``.nii``, ``.png``, ...)."""
+    lower = name.lower()
+    if lower.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, fsync: bool = True) -> Path:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file beside it, which then replaces ``path``.
+
+    Args:
+        path: destination file; its folder is created. An existing FOLDER of that name is refused.
+        write: called with the temporary path (same folder, same extension) and must write the whole file there.
+        fsync: flush the temporary file to disk before the rename (a power loss cannot leave an empty file).
+
+    Returns:
+        the destination path.
+
+    Raises:
+        IsADirectoryError: ``path`` is an existing folder.
+        Exception: whatever ``write`` or the filesystem raises; the temporary file is removed first.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{TMP_MARKER}{_suffix(path.name)}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        write(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:  # pragma: no cover - e.g. the folder became unwritable meanwhile
+            logger.warning("could not remove the temporary file %s: %s", tmp, err)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> Path:
+    """Write bytes atomically (see :func:`atomic_write`).
+
+    Args:
+        path: destination file.
+        data: the whole content.
+        fsync: flush to disk before the rename.
+
+    Returns:
+        the destination path.
+    """
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), fsync=fsync)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8", fsync: bool = True) -> Path:
+    """Write text atomically (see :func:`atomic_write`).
+
+    Args:
+        path: destination file.
+        text: the whole content.
+        encoding: text encoding.
+        fsync: flush to disk before the rename.
+
+    Returns:
+        the destination path.
+    """
+    return atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1, fsync: bool = True, **dumps: Any) -> Path:
+    """Serialise ``obj`` as JSON first (nothing is written when that fails), then write it atomically.
+
+    Args:
+        path: destination file.
+        obj: JSON-able object.
+        indent: ``json.dumps`` indent.
+        fsync: flush to disk before the rename.
+        **dumps: further ``json.dumps`` arguments (e.g. ``default=str``).
+
+    Returns:
+        the destination path.
+
+    Raises:
+        TypeError, ValueError: ``obj`` is not JSON-able (nothing written).
+    """
+    return atomic_write_text(path, json.dumps(obj, indent=indent, **dumps) + "\n", fsync=fsync)
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *, fsync: bool = True) -> Path:
+    """Copy ``src`` to ``dst`` atomically (see :func:`atomic_write`).
+
+    Returns:
+        the destination path.
+    """
+    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp), fsync=fsync)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike, *, fsync: bool = True) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` (never a half-written checkpoint).
+
+    Returns:
+        the destination path.
+    """
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=fsync)
+
+
+def same_bytes(path: str | os.PathLike, data: bytes) -> bool:
+    """Whether ``path`` is a file holding exactly ``data`` (a write can then be skipped: written once).
+
+    Returns:
+        True when the file exists with that content.
+    """
+    p = Path(path)
+    try:
+        return p.is_file() and p.stat().st_size == len(data) and p.read_bytes() == data
+    except OSError:
+        return False

@@ -1,0 +1,321 @@
+"""``python -m pipelines.experiment``: the table by hand, knob validation, the orchestration (fake bundles) and one
+tiny end-to-end run through the real bundles with MLflow parent/child runs and ``--resume``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines import experiment as ex
+from pipelines.experiment import ConfigError, build_table, format_markdown, main, parse_methods
+from tests.conftest import subprocess_env
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: Student's t quantile t_{0.975, 5} (two-sided 95 %, 5 degrees of freedom), from a printed t table
+T_975_DF5 = 2.570582
+
+
+def _cases(rows: dict[tuple[str, int], list[float]], rvd: dict[tuple[str, int], list[float]] | None = None) -> pd.DataFrame:
+    out = []
+    for (arm, seed), values in rows.items():
+        for i, v in enumerate(values):
+            r = (rvd or {}).get((arm, seed), [0.0] * len(values))[i]
+            out.append({"arm": arm, "seed": seed, "case": f"c{i + 1}", "dsc_tumor": v, "rvd_tumor": r, "dsc_organ": 0.9})
+    return pd.DataFrame(out)
+
+
+HAND = {
+    ("teacher", 0): [0.8, 0.6, 0.7],
+    ("student", 0): [0.5, 0.3, 0.4],
+    ("student", 1): [0.4, 0.4, 0.1],
+    ("hlfd", 0): [0.6, 0.2, 0.5],
+    ("hlfd", 1): [0.5, 0.6, 0.3],
+}
+
+
+def test_build_table_by_hand():
+    cases = _cases(HAND, rvd={("teacher", 0): [0.1, -0.2, math.nan]})
+    runs = pd.DataFrame(
+        [
+            {"arm": "teacher", "seed": 0, "train_s": 10.0, "eval_s": 1.0},
+            {"arm": "student", "seed": 0, "train_s": 4.0, "eval_s": 1.0},
+            {"arm": "student", "seed": 1, "train_s": 6.0, "eval_s": 1.0},
+            {"arm": "hlfd", "seed": 0, "train_s": 8.0, "eval_s": 2.0},
+            {"arm": "hlfd", "seed": 1, "train_s": 12.0, "eval_s": 2.0},
+        ]
+    )
+    t = build_table(cases, runs).set_index("arm")
+    assert list(t.index) == ["teacher", "student", "hlfd"]
+    # per-seed means: student 1.2/3 = 0.4 and 0.9/3 = 0.3; hlfd 1.3/3 and 1.4/3; teacher 2.1/3 = 0.7
+    assert t.loc["student", "dsc_tumor_mean"] == pytest.approx(0.35)
+    assert t.loc["student", "dsc_tumor_std"] == pytest.approx(math.sqrt(2 * 0.05**2))  # sample std of 0.4, 0.3
+    assert t.loc["hlfd", "dsc_tumor_mean"] == pytest.approx(0.45)
+    assert t.loc["hlfd", "dsc_tumor_std"] == pytest.approx(math.sqrt(2 * (1 / 60) ** 2))
+    assert t.loc["teacher", "dsc_tumor_mean"] == pytest.approx(0.7)
+    assert math.isnan(t.loc["teacher", "dsc_tumor_std"])  # one seed
+    assert t.loc["teacher", "rvd_tumor_mean"] == pytest.approx(-0.05)  # NaN volume left out
+    assert t.loc["teacher", "seeds"] == 1 and t.loc["hlfd", "seeds"] == 2 and t.loc["hlfd", "cases_per_seed"] == 3
+    # hlfd - student, same seed and case: 0.1, -0.1, 0.1 | 0.1, 0.2, 0.2 -> mean 0.1, SS 0.06, sd sqrt(0.06/5)
+    sd = math.sqrt(0.06 / 5)
+    half = T_975_DF5 * sd / math.sqrt(6)
+    assert t.loc["hlfd", "n_pairs"] == 6
+    assert t.loc["hlfd", "diff_mean"] == pytest.approx(0.1)
+    assert t.loc["hlfd", "diff_ci_low"] == pytest.approx(0.1 - half, abs=1e-6)
+    assert t.loc["hlfd", "diff_ci_high"] == pytest.approx(0.1 + half, abs=1e-6)
+    assert t.loc["hlfd", "share_better"] == pytest.approx(5 / 6)
+    # the teacher pairs with the seed-0 student only: 0.3, 0.3, 0.3
+    assert t.loc["teacher", "n_pairs"] == 3 and t.loc["teacher", "diff_mean"] == pytest.approx(0.3)
+    assert t.loc["student", "n_pairs"] == 0 and math.isnan(t.loc["student", "diff_mean"])
+    # gap closed = (0.45 - 0.35) / (0.7 - 0.35); undefined for the two references
+    assert t.loc["hlfd", "gap_closed"] == pytest.approx(0.1 / 0.35)
+    assert math.isnan(t.loc["teacher", "gap_closed"]) and math.isnan(t.loc["student", "gap_closed"])
+    assert t.attrs["teacher_minus_student"] == pytest.approx(0.35) and t.attrs["notes"] == []
+    # wall times: train mean per seed, train + evaluation summed over seeds
+    assert t.loc["hlfd", "train_s"] == pytest.approx(10.0) and t.loc["hlfd", "wall_s"] == pytest.approx(24.0)
+    md = format_markdown(build_table(cases, runs), ["protocol line"])
+    row = next(line for line in md.splitlines() if line.startswith("| HLFD |"))
+    assert f"+0.100 [{0.1 - half:+.3f}, {0.1 + half:+.3f}]" in row and "| 83% |" in row and "| +0.29 |" in row
+    assert "| 0.450 ± 0.024 |" in row
+    assert "t interval" in md.replace("Student-t interval", "t interval") and "protocol line" in md
+    assert "WARNING" not in md
+
+
+def test_teacher_not_better_warns(caplog):
+    worse = dict(HAND)
+    worse[("teacher", 0)] = [0.3, 0.3, 0.3]  # 0.3 < student 0.35
+    with caplog.at_level(logging.WARNING, logger="pipelines.experiment"):
+        t = build_table(_cases(worse))
+    assert "the teacher is not better than the student" in caplog.text
+    assert t.attrs["teacher_minus_student"] == pytest.approx(-0.05)
+    assert t["gap_closed"].isna().all()
+    md = format_markdown(t)
+    assert "**WARNING**: the teacher is not better than the student" in md and "distillation has nothing to teach" in md
+
+
+def test_build_table_needs_the_metric_columns():
+    with pytest.raises(ValueError, match="dsc_organ"):
+        build_table(_cases(HAND).drop(columns="dsc_organ"))
+
+
+def test_parse_methods():
+    assert parse_methods("hlfd, hinton") == ("teacher", "student", "hinton", "hlfd")
+    assert parse_methods("student") == ("teacher", "student")
+    assert parse_methods(["all"]) == tuple(ex.ARMS)
+    with pytest.raises(ConfigError, match=r"--methods: unknown method\(s\) \['dkd', 'foo'\]; valid: student, hinton"):
+        parse_methods("hlfd,foo,dkd")
+
+
+def test_ablation_arms_switch_one_term_on():
+    for term in ("ufd", "ifd", "upd", "ipd"):
+        arm = ex.ARMS[f"hlfd_{term}"]
+        assert arm.role == "hlfd" and arm.distils
+        assert arm.overrides["kd_weights"] == {t: (1.0 if t == term else 0.0) for t in ("ufd", "ifd", "upd", "ipd")}
+    assert ex.ARMS["skd"].overrides == {"kd_method": "skd"} and ex.ARMS["skd"].role == "kd_baselines"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "hlfd,nope"], "--methods: unknown method(s) ['nope']"),
+        (["--size", "48"], "--size: must be divisible by 32"),
+        (["--seeds", "0"], "--seeds: must be an integer >= 1"),
+        (["--seed-list", "1,1"], "--seed-list: seeds must be distinct"),
+        (["--epochs", "0"], "--epochs: must be an integer >= 1"),
+        (["--teacher-epochs", "-3"], "--teacher-epochs: must be an integer >= 1"),
+        (["--cases", "4"], "--cases: must be an integer >= 5"),
+        (["--samples-per-volume", "16"], "--samples-per-volume: 16 exceeds --batch-size 8"),
+        (["--teacher-features", "4", "8", "16", "32", "64", "128", "256"], "--teacher-features: UNet++ needs 3 to 6 levels"),
+        (["--teacher-features", "huge"], "--teacher-features: unknown UNet++ preset 'huge'"),
+        (["--student-width", "0"], "--student-width: must be an integer >= 1"),
+        (["--dataset_dir", "/nonexistent/ct"], "--dataset_dir: /nonexistent/ct is neither a folder nor a splits JSON"),
+        (["--from-labels", "/nonexistent/labels"], "--from-labels: /nonexistent/labels is not a folder"),
+        (["--teacher-ckpt", "/nonexistent/best.pt"], "--teacher-ckpt: /nonexistent/best.pt does not exist"),
+        (["--tracking-uri", "some/folder"], "--tracking-uri: 'some/folder' is a folder"),
+    ],
+)
+def test_cli_rejects_bad_knobs_before_any_work(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(out), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_paper_preset_and_explicit_knobs(tmp_path):
+    cfg = ex.config_from_args(ex._parser().parse_args(["--preset", "paper", "--epochs", "7", "--out", str(tmp_path / "o")]))
+    assert (cfg.size, cfg.epochs, cfg.teacher_features, cfg.student_base_width, cfg.student_decoder_channels) == (256, 7, "paper", None, None)
+    assert ex.validate_config(cfg) == ("teacher", "student", *ex.DEFAULT_METHODS)
+    toy = ex.config_from_args(ex._parser().parse_args(["--teacher-features", "4", "8", "16", "--seed-list", "3,5"]))
+    assert toy.teacher_features == (4, 8, 16) and toy.seeds == (3, 5) and toy.size == 64
+
+
+def _fake_bundles(monkeypatch, calls: list[tuple[str, str, dict]], crash: dict) -> None:
+    """Replace the bundle runs by a recorder writing a checkpoint and a per-case CSV (seeded values per role);
+    the training of ``crash["arm"]`` (arm, seed) raises."""
+
+    def fake(run_id: str, role: str, config: str, **kw):
+        calls.append((run_id, role, kw))
+        out = Path(kw["output_dir"])
+        if run_id == "training":
+            arm = kw["run_tags"]["ctdistill_arm"]
+            if (arm, kw["seed"]) == crash.get("arm"):
+                (out / "partial.txt").write_text("interrupted")
+                raise RuntimeError("simulated crash")
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (out / "checkpoints" / "best.pt").write_bytes(b"")
+            return
+        split = json.loads(Path(kw["splits_file"]).read_text())
+        base = {"unetpp_teacher": 0.7, "resnet18_student": 0.3, "kd_baselines": 0.4, "hlfd": 0.5}[role] + 0.01 * kw["seed"]
+        rows = [f"{Path(e['image']).parent.name},{base + 0.01 * i},0.1,0.9,0.2,1.0,1.0" for i, e in enumerate(split["test"])]
+        (out / "eval").mkdir(parents=True, exist_ok=True)
+        (out / "eval" / "cases.csv").write_text("case,dsc_tumor,rvd_tumor,dsc_organ,rvd_organ,tumor_ml_pred,tumor_ml_gt\n" + "\n".join(rows) + "\n")
+
+    monkeypatch.setattr(ex, "run_bundle", fake)
+
+
+class _FakeTracker:
+    """Stands in for the MLflow parent run (a new SQLite store costs seconds; the end-to-end test uses the real one)."""
+
+    def __init__(self, uri: str, experiment_name: str) -> None:
+        self.parent_id, self.client = "parent0", None
+
+    def open_parent(self, previous, params) -> str:
+        return self.parent_id
+
+    def child_tags(self, arm: str, seed: int, stage: str) -> dict[str, str]:
+        return {"mlflow.parentRunId": self.parent_id, "ctdistill_arm": arm, "ctdistill_seed": str(seed), "ctdistill_stage": stage}
+
+    def fail_open(self, arm: str, seed: int) -> None:
+        pass
+
+    def run_id(self, arm: str, seed: int, stage: str) -> str:
+        return ""
+
+    def finish(self, table, files, status: str = "FINISHED") -> None:
+        assert all(Path(f).is_file() for f in files)
+
+
+def test_orchestration_equal_protocol_resume_and_reused_teacher(tmp_path, monkeypatch):
+    """Fake bundles: one split and equal epochs for every arm, one teacher for every KD arm, resume after a crash."""
+    monkeypatch.setattr(ex, "_Tracker", _FakeTracker)
+    tmp_path = tmp_path.resolve()
+    calls: list = []
+    crash = {"arm": ("hinton", 1)}
+    _fake_bundles(monkeypatch, calls, crash)
+    cfg = ex.preset_config(
+        out=tmp_path / "exp", methods=("hinton", "hlfd_ipd"), seeds=(0, 1), cases=6, size=32, epochs=3, teacher_epochs=5,
+        teacher_features=(4, 8, 16, 32), student_base_width=4,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ex.run_experiment(cfg)
+    trains = [kw for run_id, _, kw in calls if run_id == "training"]
+    assert len({kw["splits_file"] for run_id, _, kw in calls}) == 1  # one split file for every run
+    assert [kw["epochs"] for kw in trains] == [5, 3, 3, 3, 3, 3]  # teacher, then student/hinton/hlfd_ipd per seed
+    student_knobs = {json.dumps({k: v for k, v in kw.items() if k not in ("seed", "output_dir", "run_tags", "teacher_ckpt", "kd_method", "kd_weights")}, sort_keys=True) for kw in trains[1:]}
+    assert len(student_knobs) == 1  # equal data, epochs, batch, sizes, widths
+    teacher_ckpt = str(tmp_path / "exp/runs/teacher/seed0/checkpoints/best.pt")
+    kd = [kw for kw in trains if "teacher_ckpt" in kw]
+    assert len(kd) == 3 and {kw["teacher_ckpt"] for kw in kd} == {teacher_ckpt}
+    assert kd[1]["kd_weights"] == {"ufd": 0.0, "ifd": 0.0, "upd": 0.0, "ipd": 1.0}
+    assert all(kw["run_tags"]["mlflow.parentRunId"] for _, _, kw in calls)
+    # without --resume: refused (finished arms are never overwritten)
+    with pytest.raises(ConfigError, match="--out: .* finished arm\\(s\\).*--resume"):
+        ex.run_experiment(cfg)
+    # --resume: the five finished arms are skipped, the crashed one is cleared and rerun, the last one runs
+    calls.clear()
+    crash.clear()
+    table = ex.run_experiment(ex.replace(cfg, resume=True))
+    assert [(r, kw["run_tags"]["ctdistill_arm"], kw["seed"]) for r, _, kw in calls] == [
+        ("training", "hinton", 1), ("evaluating", "hinton", 1), ("training", "hlfd_ipd", 1), ("evaluating", "hlfd_ipd", 1),
+    ]  # fmt: skip
+    assert not (tmp_path / "exp/runs/hinton/seed1/partial.txt").exists()
+    assert list(table["arm"]) == ["teacher", "student", "hinton", "hlfd_ipd"]
+    cases = pd.read_csv(tmp_path / "exp/cases.csv")
+    n_test = len(json.loads((tmp_path / "exp/splits.json").read_text())["test"])
+    assert len(cases) == (1 + 3 * 2) * n_test
+    # fake means: teacher 0.7 + x, student 0.305 + x, hlfd_ipd 0.505 + x (x: the case offsets) -> 0.2 / 0.395
+    assert table.set_index("arm").loc["hlfd_ipd", "gap_closed"] == pytest.approx(0.2 / 0.395)
+    # --resume with other epochs: refused
+    with pytest.raises(ConfigError, match="--resume: .*epochs: 3 -> 4"):
+        ex.validate_config(ex.replace(cfg, resume=True, epochs=4))
+    # a reused teacher is evaluated (its checkpoint), not trained, and every KD arm distils from it
+    calls.clear()
+    monkeypatch.setattr(ex, "_check_teacher", lambda cfg, arms: None)
+    ex.run_experiment(ex.replace(cfg, out=tmp_path / "exp2", teacher_ckpt=Path(teacher_ckpt), methods=("hinton",), seeds=(0,)))
+    assert [(r, kw["run_tags"]["ctdistill_arm"]) for r, _, kw in calls] == [
+        ("evaluating", "teacher"), ("training", "student"), ("evaluating", "student"), ("training", "hinton"), ("evaluating", "hinton"),
+    ]  # fmt: skip
+    assert calls[0][2]["checkpoint"] == teacher_ckpt and calls[3][2]["teacher_ckpt"] == teacher_ckpt
+
+
+def test_from_labels_hook(tmp_path, monkeypatch):
+    import pipelines.synthesize as syn
+
+    monkeypatch.delattr(syn, "synthesize_from_labels", raising=False)
+    with pytest.raises(ConfigError, match="--from-labels: .*no synthesize_from_labels"):
+        ex.validate_config(ex.preset_config(out=tmp_path / "o", from_labels=tmp_path))
+    seen = {}
+
+    def fake(labels, out, seed=0, size=64):
+        seen.update(labels=labels, out=out, seed=seed, size=size)
+        return syn.synthesize("kits", cases=5, size=32, out=out, seed=seed)
+
+    monkeypatch.setattr(syn, "synthesize_from_labels", fake, raising=False)
+    if hasattr(syn, "find_label_files"):  # an empty label folder is refused before any work
+        with pytest.raises(ConfigError, match="--from-labels: "):
+            ex.validate_config(ex.preset_config(out=tmp_path / "o", from_labels=tmp_path))
+    with pytest.raises(ConfigError, match="--from-labels: synthesizes KiTS-style CT"):
+        ex.validate_config(ex.preset_config(out=tmp_path / "o", from_labels=tmp_path, task="lits"))
+    data = ex._prepare_data(ex.preset_config(out=tmp_path / "o", from_labels=tmp_path, size=32, data_seed=4), tmp_path / "o")
+    assert seen == {"labels": tmp_path.resolve(), "out": tmp_path / "o" / "data", "seed": 4, "size": 32}
+    assert (data / "dataset.json").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_experiment_end_to_end(tmp_path, capsys):
+    """Teacher, student and Hinton KD over 2 seeds through the real bundles; MLflow parent with 10 children; resume."""
+    import mlflow
+
+    out = tmp_path / "exp"
+    argv = ["--out", str(out), "--methods", "student,hinton", "--seeds", "2", "--epochs", "1", "--cases", "5", "--size", "32",
+            "--teacher-features", "4", "8", "16", "32", "--student-width", "4", "--student-decoder", "8", "8", "4", "4", "4"]  # fmt: skip
+    env = subprocess_env()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.experiment", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    n_test = len(json.loads((out / "splits.json").read_text())["test"])
+    cases = pd.read_csv(out / "cases.csv")
+    assert len(cases) == 5 * n_test  # teacher once + (student, hinton) x 2 seeds
+    assert {"dsc_tumor", "rvd_tumor", "dsc_organ", "rvd_organ", "tumor_ml_pred", "tumor_ml_gt"} <= set(cases.columns)
+    assert sorted(cases.groupby(["arm", "seed"]).size().index) == [("hinton", 0), ("hinton", 1), ("student", 0), ("student", 1), ("teacher", 0)]
+    md = (out / "table.md").read_text()
+    assert "| Hinton KD | hinton | 2 |" in md and md.splitlines()[0] in proc.stdout
+    assert list(pd.read_csv(out / "table.csv")["arm"]) == ["teacher", "student", "hinton"]
+    # MLflow: one parent; every training and evaluation run is its child
+    state = json.loads((out / "experiment.json").read_text())
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("ctdistill_experiment")
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["seeds"] == "0,1" and parent.data.params["splits_sha256"]
+    assert "hinton.dsc_tumor_mean" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"table.md", "table.csv", "cases.csv"}
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 10 and all(r.info.status == "FINISHED" for r in children)
+    assert sorted((r.data.tags["ctdistill_arm"], r.data.tags["ctdistill_stage"]) for r in children).count(("hinton", "train")) == 2
+    assert len(client.search_runs([exp.experiment_id])) == 11
+    # --resume (in this process: nothing is trained) runs nothing new and rebuilds the same table
+    markers = sorted(out.glob("runs/*/seed*/done.json"))
+    mtimes = [m.stat().st_mtime_ns for m in markers]
+    assert len(markers) == 5
+    main([*argv, "--resume"])
+    assert [m.stat().st_mtime_ns for m in sorted(out.glob("runs/*/seed*/done.json"))] == mtimes
+    assert len(client.search_runs([exp.experiment_id])) == 11
+    assert (out / "table.md").read_text() == md
+    assert "| ResNet18 student (no KD) | student | 2 |" in capsys.readouterr().out
