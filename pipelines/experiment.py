@@ -213,6 +213,9 @@ class ExperimentConfig:
         sw_batch_size: slices per inference batch in validation and evaluation.
         resume: skip finished arms of an existing ``out``.
         preset: the preset the values came from (recorded only).
+        teacher_warmup_epochs: the teacher's ``--warmup_epochs`` (None: the bundle's default).
+        teacher_grad_clip: the teacher's ``--grad_clip`` (None: the bundle's default).
+        kd_warmup_epochs: ``--kd_warmup_epochs`` of every distilling arm (None: the bundle's default, 0).
     """
 
     out: Path = Path("experiment_out")
@@ -241,6 +244,9 @@ class ExperimentConfig:
     sw_batch_size: int = 32
     resume: bool = False
     preset: str = "toy"
+    teacher_warmup_epochs: int | None = None
+    teacher_grad_clip: float | None = None
+    kd_warmup_epochs: float | None = None
 
 
 #: ``--preset``: values that differ from the toy defaults. ``paper``: the paper's networks (UNet++ "paper" widths,
@@ -320,6 +326,9 @@ def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
         "teacher_ckpt": None if cfg.teacher_ckpt is None else str(Path(cfg.teacher_ckpt).resolve()),
         "tracking_uri": cfg.tracking_uri,
         "experiment_name": cfg.experiment_name,
+        "teacher_warmup_epochs": cfg.teacher_warmup_epochs,
+        "teacher_grad_clip": cfg.teacher_grad_clip,
+        "kd_warmup_epochs": cfg.kd_warmup_epochs,
     }
 
 
@@ -360,6 +369,11 @@ def validate_config(cfg: ExperimentConfig) -> tuple[str, ...]:
         raise ConfigError("--samples-per-volume", f"{cfg.samples_per_volume} exceeds --batch-size {cfg.batch_size} (slices per step).")
     if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ConfigError("--lr", f"must be a positive number, got {cfg.lr!r}.")
+    if cfg.teacher_warmup_epochs is not None and not 0 <= cfg.teacher_warmup_epochs < (cfg.teacher_epochs or cfg.epochs):
+        raise ConfigError("--teacher-warmup-epochs", f"must be in [0, teacher epochs), got {cfg.teacher_warmup_epochs}.")
+    for knob, value in (("--teacher-grad-clip", cfg.teacher_grad_clip), ("--kd-warmup-epochs", cfg.kd_warmup_epochs)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(knob, f"must be a number >= 0, got {value!r}.")
     if cfg.task not in ("kits", "lits"):
         raise ConfigError("--task", f"must be kits or lits, got {cfg.task!r}.")
     if cfg.size % 32:
@@ -885,6 +899,17 @@ def _write_split(cfg: ExperimentConfig, data: Path, out: Path) -> Path:
     return target
 
 
+def _recipe_overrides(cfg: ExperimentConfig, arm: Arm) -> dict[str, Any]:
+    """Training-recipe knobs set for this arm (only those given; the bundles' defaults otherwise)."""
+    if arm.name == TEACHER:
+        pairs = (("warmup_epochs", cfg.teacher_warmup_epochs), ("grad_clip", cfg.teacher_grad_clip))
+    elif arm.distils:
+        pairs = (("kd_warmup_epochs", cfg.kd_warmup_epochs),)
+    else:
+        pairs = ()
+    return {k: v for k, v in pairs if v is not None}
+
+
 def _network_kwargs(cfg: ExperimentConfig, arm: Arm) -> dict[str, Any]:
     if arm.role == "unetpp_teacher":
         f = cfg.teacher_features
@@ -1046,6 +1071,7 @@ def _run_arm(
             kw = dict(common, epochs=teacher_epochs if arm.name == TEACHER else cfg.epochs, network_kwargs=_network_kwargs(cfg, arm), **arm.overrides)
             if arm.distils:
                 kw["teacher_ckpt"] = str(teacher_ckpt)
+            kw.update(_recipe_overrides(cfg, arm))
             t0 = time.perf_counter()
             run_bundle("training", arm.role, "train", run_tags=tracker.child_tags(arm.name, seed, "train"), **kw)
             train_s = time.perf_counter() - t0
@@ -1146,6 +1172,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--experiment-name", default=ExperimentConfig.experiment_name, help="MLflow experiment (default %(default)s)")
     a("--num-workers", type=int, default=None, help="DataLoader workers (toy 0, paper 4)")
     a("--sw-batch-size", type=int, default=None, help="slices per inference batch (toy 32, paper 16)")
+    a("--teacher-warmup-epochs", type=int, default=None, help="teacher lr warm-up epochs (default: the bundle's, 5)")
+    a("--teacher-grad-clip", type=float, default=None, help="teacher gradient-norm clip, 0 = off (default: the bundle's, 1.0)")
+    a("--kd-warmup-epochs", type=float, default=None, help="ramp the distillation weight over N epochs in every KD arm (default 0: the papers' full weight)")
     a("--resume", action="store_true", help="continue an existing --out: skip finished arms, rerun unfinished ones from scratch (their folders are cleared)")
     return p
 
@@ -1169,7 +1198,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     for key, name in (("cases", "cases"), ("size", "size"), ("epochs", "epochs"), ("teacher_epochs", "teacher_epochs"),
                       ("samples_per_volume", "samples_per_volume"), ("batch_size", "batch_size"),
                       ("val_interval", "val_interval"), ("lr", "lr"), ("student_width", "student_base_width"),
-                      ("num_workers", "num_workers"), ("sw_batch_size", "sw_batch_size")):  # fmt: skip
+                      ("num_workers", "num_workers"), ("sw_batch_size", "sw_batch_size"),
+                      ("teacher_warmup_epochs", "teacher_warmup_epochs"), ("teacher_grad_clip", "teacher_grad_clip"),
+                      ("kd_warmup_epochs", "kd_warmup_epochs")):  # fmt: skip
         v = getattr(args, key)
         if v is not None:
             explicit[name] = v

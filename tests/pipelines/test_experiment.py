@@ -139,6 +139,9 @@ def test_ablation_arms_switch_one_term_on():
         (["--from-labels", "/nonexistent/labels"], "--from-labels: /nonexistent/labels is not a folder"),
         (["--teacher-ckpt", "/nonexistent/best.pt"], "--teacher-ckpt: /nonexistent/best.pt does not exist"),
         (["--tracking-uri", "some/folder"], "--tracking-uri: 'some/folder' is a folder"),
+        (["--epochs", "10", "--teacher-warmup-epochs", "10"], "--teacher-warmup-epochs: must be in [0, teacher epochs)"),
+        (["--teacher-grad-clip", "-1"], "--teacher-grad-clip: must be a number >= 0"),
+        (["--kd-warmup-epochs", "nan"], "--kd-warmup-epochs: must be a number >= 0"),
     ],
 )
 def test_cli_rejects_bad_knobs_before_any_work(argv, message, tmp_path, capsys):
@@ -319,3 +322,21 @@ def test_tiny_experiment_end_to_end(tmp_path, capsys):
     assert len(client.search_runs([exp.experiment_id])) == 11
     assert (out / "table.md").read_text() == md
     assert "| ResNet18 student (no KD) | student | 2 |" in capsys.readouterr().out
+
+
+def test_recipe_knobs_reach_only_their_arms(tmp_path, monkeypatch):
+    """Teacher warm-up/clipping go to the teacher run only, the KD ramp to the distilling arms only."""
+    monkeypatch.setattr(ex, "_Tracker", _FakeTracker)
+    calls: list = []
+    _fake_bundles(monkeypatch, calls, {})
+    cfg = ex.preset_config(
+        out=tmp_path.resolve() / "exp", methods=("hinton",), seeds=(0,), cases=6, size=32, epochs=3,
+        teacher_features=(4, 8, 16, 32), student_base_width=4, teacher_warmup_epochs=2, teacher_grad_clip=0.5,
+        kd_warmup_epochs=1.5,
+    )  # fmt: skip
+    ex.run_experiment(cfg)
+    trains = {kw["run_tags"]["ctdistill_arm"]: kw for run_id, _, kw in calls if run_id == "training"}
+    assert (trains["teacher"]["warmup_epochs"], trains["teacher"]["grad_clip"]) == (2, 0.5)
+    assert "kd_warmup_epochs" not in trains["teacher"] and "kd_warmup_epochs" not in trains["student"]
+    assert "warmup_epochs" not in trains["student"] and "grad_clip" not in trains["hinton"]
+    assert trains["hinton"]["kd_warmup_epochs"] == 1.5
