@@ -71,6 +71,9 @@ class DemoConfig:
     student_decoder_channels: Sequence[int] | None = (32, 24, 16, 16, 16)
     lr: float = 1e-3
     seed: int = 0
+    #: a folder of real label maps (e.g. KiTS19 case_XXXXX/segmentation.nii.gz): the cohort is built around them with
+    #: ``pipelines.synthesize.synthesize_from_labels`` (its first ``cases`` label maps) instead of procedurally
+    from_labels: Path | None = None
 
 
 @dataclass
@@ -138,8 +141,15 @@ def run_demo(cfg: DemoConfig) -> list[MethodResult]:
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     t0 = time.perf_counter()
-    synthesize("kits", cases=cfg.cases, size=cfg.size, out=data, seed=cfg.seed)
-    logger.info("synthesized %d cases (%d^2 in-plane) in %.1f s -> %s", cfg.cases, cfg.size, time.perf_counter() - t0, data)
+    if cfg.from_labels is not None:
+        from pipelines.synthesize import find_label_files, synthesize_from_labels
+
+        n = min(cfg.cases, len(find_label_files(Path(cfg.from_labels))))
+        synthesize_from_labels(Path(cfg.from_labels), data, cases=n, size=cfg.size, seed=cfg.seed)
+        logger.info("synthesized %d cases around the label maps of %s (%d^2 in-plane) in %.1f s -> %s", n, cfg.from_labels, cfg.size, time.perf_counter() - t0, data)
+    else:
+        synthesize("kits", cases=cfg.cases, size=cfg.size, out=data, seed=cfg.seed)
+        logger.info("synthesized %d cases (%d^2 in-plane) in %.1f s -> %s", cfg.cases, cfg.size, time.perf_counter() - t0, data)
     uri = f"sqlite:///{out / 'mlruns.db'}"
     common = dict(
         dataset_dir=str(data),
@@ -251,9 +261,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--student-width", type=int, default=d.student_base_width, help="ResNet18 student base width")
     p.add_argument("--student-decoder", type=int, nargs=5, default=d.student_decoder_channels, help="ResNet18 student decoder widths (strides 16, 8, 4, 2, 1)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--from-labels", type=Path, default=None,
+                   help="build the cohort around the real label maps in this folder (e.g. ../shared/data/kits19_labels)")
     a = p.parse_args(argv)
     if a.cases < 5:
         p.error(f"--cases must be >= 5 (training, validation and held-out test volumes), got {a.cases}")
+    if a.from_labels is not None and not a.from_labels.is_dir():
+        p.error(f"--from-labels {a.from_labels} is not a folder")
     if a.size % 16:
         p.error(f"--size must be divisible by 16 (network strides), got {a.size}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -261,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = DemoConfig(
         out=a.out, cases=a.cases, size=a.size, epochs=a.epochs, samples_per_volume=a.samples_per_volume, batch_size=a.batch_size, seed=a.seed,
         teacher_features=tuple(a.teacher_features), student_base_width=a.student_width,
-        student_decoder_channels=a.student_decoder,
+        student_decoder_channels=a.student_decoder, from_labels=a.from_labels,
     )
     t0 = time.perf_counter()
     results = run_demo(cfg)

@@ -60,7 +60,8 @@ def test_format_table_rows_and_paired_line(tmp_path):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--cases", "4"], "--cases must be >= 5"), (["--size", "40"], "--size must be divisible by 16")],
+    [(["--cases", "4"], "--cases must be >= 5"), (["--size", "40"], "--size must be divisible by 16"),
+     (["--from-labels", "/nonexistent/labels"], "--from-labels /nonexistent/labels is not a folder")],
 )
 def test_cli_rejects_bad_sizes_before_any_work(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
