@@ -34,7 +34,8 @@ def build_lr_scheduler(
         optimizer: the optimiser (its ``lr`` is the peak learning rate).
         epochs: total training epochs (>= 1).
         lr_min: final learning rate (>= 0).
-        warmup_epochs: epochs of linear warm-up (0 = none, the paper's plain cosine); must be < ``epochs``.
+        warmup_epochs: epochs of linear warm-up (0 = none, the paper's plain cosine); a value >= ``epochs`` (e.g.
+            the teacher's default 5 in a 1-epoch smoke run) is reduced to ``epochs - 1`` with a warning.
 
     Returns:
         ``CosineAnnealingLR(T_max=epochs)`` without warm-up; else ``SequentialLR`` of ``LinearLR`` (start factor
@@ -42,15 +43,18 @@ def build_lr_scheduler(
         warmup_epochs)``.
 
     Raises:
-        ValueError: epochs < 1, lr_min < 0, warmup_epochs < 0 or >= epochs.
+        ValueError: epochs < 1, lr_min < 0, warmup_epochs < 0.
     """
     epochs, warmup_epochs, lr_min = int(epochs), int(warmup_epochs), float(lr_min)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
     if lr_min < 0 or math.isnan(lr_min):
         raise ValueError(f"lr_min must be >= 0, got {lr_min}.")
-    if warmup_epochs < 0 or (warmup_epochs and warmup_epochs >= epochs):
-        raise ValueError(f"warmup_epochs must be in [0, epochs - 1] = [0, {epochs - 1}], got {warmup_epochs}.")
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0 (0 = no warm-up), got {warmup_epochs}.")
+    if warmup_epochs >= epochs:
+        logger.warning("warmup_epochs %d >= epochs %d: warming up over %d epoch(s) instead", warmup_epochs, epochs, epochs - 1)
+        warmup_epochs = epochs - 1
     sched = torch.optim.lr_scheduler
     if warmup_epochs == 0:
         return sched.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=lr_min)

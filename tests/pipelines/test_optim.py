@@ -37,8 +37,8 @@ def test_warmup_then_cosine_closed_form():
     assert _lrs(n, w) == pytest.approx(warm + cos, rel=1e-6)
 
 
-@pytest.mark.parametrize("kw,match", [({"epochs": 0}, "epochs"), ({"warmup_epochs": 5}, "warmup_epochs"),
-                                      ({"warmup_epochs": -1}, "warmup_epochs"), ({"lr_min": -1.0}, "lr_min")])
+@pytest.mark.parametrize("kw,match", [({"epochs": 0}, "epochs"), ({"warmup_epochs": -1}, "warmup_epochs"),
+                                      ({"lr_min": -1.0}, "lr_min")])
 def test_schedule_rejects_bad_knobs(kw, match):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     args = {"epochs": 5, "lr_min": 0.0, "warmup_epochs": 0, **kw}
@@ -107,3 +107,11 @@ def test_logged_lr_is_the_lr_the_epoch_trained_with():
     # warm-up epoch at lr/2, then cosine over 3 epochs: 1e-3, 1e-3 (1 + cos(pi/3)) / 2, 1e-3 (1 + cos(2 pi/3)) / 2
     want = [5e-4, 1e-3, 1e-3 * 0.75, 1e-3 * 0.25]
     assert logged == pytest.approx(want, rel=1e-6)
+
+
+def test_warmup_longer_than_the_run_is_shortened():
+    """A default warm-up of 5 epochs in a 1- or 3-epoch smoke run: warm up over epochs - 1 (none for 1 epoch)."""
+    assert _lrs(1, 5) == pytest.approx([1e-3])
+    lr, w, n = 1e-3, 2, 3  # reduced from 5 to 2
+    warm = [lr * (1 / (w + 1) + (1 - 1 / (w + 1)) * e / w) for e in range(w)]
+    assert _lrs(n, 5) == pytest.approx(warm + [lr], rel=1e-6)
