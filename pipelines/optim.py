@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from ignite.engine import Engine
 
-__all__ = ["build_lr_scheduler", "GradientClipper"]
+__all__ = ["build_lr_scheduler", "fast_forward", "GradientClipper"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,42 @@ def build_lr_scheduler(
     warm = sched.LinearLR(optimizer, start_factor=1.0 / (warmup_epochs + 1), end_factor=1.0, total_iters=warmup_epochs)
     cosine = sched.CosineAnnealingLR(optimizer, T_max=epochs - warmup_epochs, eta_min=lr_min)
     return sched.SequentialLR(optimizer, [warm, cosine], milestones=[warmup_epochs])
+
+
+def fast_forward(
+    scheduler: Any, optimizer: torch.optim.Optimizer, epochs_done: int, initial_lrs: Sequence[float] | None = None
+) -> None:
+    """Position a freshly built per-epoch scheduler after ``epochs_done`` epochs (resume).
+
+    The schedule is rebuilt for THIS run's settings (a resumed run with a new ``--epochs``, ``--warmup_epochs`` or
+    ``--lr`` continues on the new curve) rather than restored from the checkpoint: every group's lr is reset to its
+    peak value and the scheduler is stepped ``epochs_done`` times, which reproduces exactly the lr an uninterrupted
+    run with these settings would have at that epoch.
+
+    Args:
+        scheduler: a torch lr scheduler stepped once per epoch, built on ``optimizer`` and not stepped since.
+        optimizer: its optimiser (after ``load_state_dict``, whose saved lr values are overwritten).
+        epochs_done: epochs already trained (>= 0).
+        initial_lrs: the peak lr of each group as this run configured it (read BEFORE loading the optimiser state);
+            None: each group's ``initial_lr``.
+
+    Raises:
+        ValueError: negative ``epochs_done`` or one lr per group not given.
+    """
+    if int(epochs_done) < 0:
+        raise ValueError(f"epochs_done must be >= 0, got {epochs_done}.")
+    groups = optimizer.param_groups
+    lrs = [g.get("initial_lr", g["lr"]) for g in groups] if initial_lrs is None else [float(x) for x in initial_lrs]
+    if len(lrs) != len(groups):
+        raise ValueError(f"initial_lrs has {len(lrs)} values for {len(groups)} parameter groups.")
+    for g, lr in zip(groups, lrs):
+        g["initial_lr"] = g["lr"] = lr
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()": intended here
+        for _ in range(int(epochs_done)):
+            scheduler.step()
 
 
 class GradientClipper:

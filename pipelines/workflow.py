@@ -819,10 +819,14 @@ class TrainCheckpointer:
             unwrap(self.network).load_state_dict(ckpt["model"])
             if self.distiller is not None and ckpt.get("distiller") is not None:
                 unwrap(self.distiller).load_state_dict(ckpt["distiller"])
+            peak_lrs = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups] if self.optimizer is not None else []
             if self.optimizer is not None and ckpt.get("optimizer") is not None:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
-            if self.lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
-                self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            if self.lr_scheduler is not None and self.optimizer is not None:
+                # rebuilt for this run's --epochs/--warmup_epochs/--lr and positioned at the saved epoch (not restored)
+                from pipelines.optim import fast_forward
+
+                fast_forward(self.lr_scheduler, self.optimizer, int(ckpt["epoch"]), peak_lrs)
             max_epochs = engine.state.max_epochs
             engine.state.epoch = int(ckpt["epoch"])
             engine.state.iteration = int(ckpt["epoch"]) * int(engine.state.epoch_length or 0)

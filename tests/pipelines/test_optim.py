@@ -115,3 +115,28 @@ def test_warmup_longer_than_the_run_is_shortened():
     lr, w, n = 1e-3, 2, 3  # reduced from 5 to 2
     warm = [lr * (1 / (w + 1) + (1 - 1 / (w + 1)) * e / w) for e in range(w)]
     assert _lrs(n, 5) == pytest.approx(warm + [lr], rel=1e-6)
+
+
+@pytest.mark.parametrize("new_epochs,new_warmup", [(6, 2), (10, 3), (6, 0)])
+def test_fast_forward_puts_a_rebuilt_schedule_at_the_saved_epoch(new_epochs, new_warmup):
+    """Resume after 3 epochs of a (6, warm-up 2) run: the lr equals an uninterrupted run of the NEW settings."""
+    from pipelines.optim import fast_forward
+
+    net = torch.nn.Linear(1, 1)
+    old = torch.optim.Adam(net.parameters(), lr=1e-3)
+    old_sched = build_lr_scheduler(old, 6, 1e-6, warmup_epochs=2)
+    for _ in range(3):
+        old.step()
+        old_sched.step()
+    saved = old.state_dict()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sched = build_lr_scheduler(opt, new_epochs, 1e-6, warmup_epochs=new_warmup)
+    peak = [g["initial_lr"] for g in opt.param_groups]
+    opt.load_state_dict(saved)
+    fast_forward(sched, opt, 3, peak)
+    resumed = [opt.param_groups[0]["lr"]]
+    for _ in range(new_epochs - 4):
+        opt.step()
+        sched.step()
+        resumed.append(opt.param_groups[0]["lr"])
+    assert resumed == pytest.approx(_lrs(new_epochs, new_warmup)[3:new_epochs - 1 + 1][: len(resumed)], rel=1e-6)
