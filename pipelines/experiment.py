@@ -120,6 +120,10 @@ def _only(term: str) -> dict[str, float]:
     return {t: (1.0 if t == term else 0.0) for t in ("ufd", "ifd", "upd", "ipd")}
 
 
+def _without(term: str) -> dict[str, float]:
+    return {t: (0.0 if t == term else 1.0) for t in ("ufd", "ifd", "upd", "ipd")}
+
+
 #: every arm, in table order (references, the paper's baselines, HLFD, then the HLFD per-term ablations)
 ARMS: dict[str, Arm] = {
     a.name: a
@@ -137,6 +141,11 @@ ARMS: dict[str, Arm] = {
         Arm("hlfd_ifd", "hlfd", "HLFD, IFD only", {"kd_weights": _only("ifd")}),
         Arm("hlfd_upd", "hlfd", "HLFD, UPD only", {"kd_weights": _only("upd")}),
         Arm("hlfd_ipd", "hlfd", "HLFD, IPD only", {"kd_weights": _only("ipd")}),
+        # leave-one-out: HLFD with one term switched off
+        Arm("hlfd_wo_ufd", "hlfd", "HLFD without UFD", {"kd_weights": _without("ufd")}),
+        Arm("hlfd_wo_ifd", "hlfd", "HLFD without IFD", {"kd_weights": _without("ifd")}),
+        Arm("hlfd_wo_upd", "hlfd", "HLFD without UPD", {"kd_weights": _without("upd")}),
+        Arm("hlfd_wo_ipd", "hlfd", "HLFD without IPD", {"kd_weights": _without("ipd")}),
     )
 }
 

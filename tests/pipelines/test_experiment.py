@@ -119,6 +119,9 @@ def test_ablation_arms_switch_one_term_on():
         assert arm.role == "hlfd" and arm.distils
         assert arm.overrides["kd_weights"] == {t: (1.0 if t == term else 0.0) for t in ("ufd", "ifd", "upd", "ipd")}
     assert ex.ARMS["skd"].overrides == {"kd_method": "skd"} and ex.ARMS["skd"].role == "kd_baselines"
+    # leave-one-out arms: the other three terms at full weight
+    assert ex.ARMS["hlfd_wo_ifd"].overrides["kd_weights"] == {"ufd": 1.0, "ifd": 0.0, "upd": 1.0, "ipd": 1.0}
+    assert parse_methods("hlfd_wo_ufd,hlfd_wo_upd") == ("teacher", "student", "hlfd_wo_ufd", "hlfd_wo_upd")
 
 
 @pytest.mark.parametrize(
