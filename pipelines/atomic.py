@@ -26,6 +26,7 @@ __all__ = [
     "atomic_copy",
     "atomic_torch_save",
     "same_bytes",
+    "remove_stale_temps",
 ]
 
 logger = logging.getLogger(__name__)
@@ -166,3 +167,31 @@ def same_bytes(path: str | os.PathLike, data: bytes) -> bool:
         return p.is_file() and p.stat().st_size == len(data) and p.read_bytes() == data
     except OSError:
         return False
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files an interrupted :func:`atomic_write` of ``path`` left beside it.
+
+    A process killed during a write (SIGKILL, power loss) cannot remove its temporary file; ``path`` itself is intact
+    (the old or the new complete file). Call this only while no other process writes ``path`` (e.g. a training run
+    holding its output folder's lock).
+
+    Args:
+        path: the destination file whose leftovers are removed (``.<name>.<random>.tmp<ext>`` in its folder).
+
+    Returns:
+        the removed files.
+    """
+    path = Path(path)
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in path.parent.glob(f".{path.name}.*{TMP_MARKER}{_suffix(path.name)}"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError as err:  # pragma: no cover - e.g. removed meanwhile
+            logger.warning("could not remove the stale temporary file %s: %s", tmp, err)
+    if removed:
+        logger.info("removed %d temporary file(s) of an interrupted write of %s", len(removed), path)
+    return removed

@@ -8,6 +8,11 @@ file lists its knobs, with a comment, at the top).
 
 The check only looks at a ``python -m monai.bundle run ...`` command line; bundles run from Python
 (``monai.bundle.run(..., **overrides)``, as the demo and the experiment runner do) are not affected.
+
+On such a command line :func:`check_cli` also installs :func:`report_project_error` as ``sys.excepthook``: an error
+the project raised (a ``BundleInputError``, or a ``ValueError``/``OSError`` raised in this repository's code), which
+MONAI wraps in its "Failed to evaluate ConfigExpression" traceback, is printed first as ``ERROR: <message>``, and the
+traceback only with ``CTDISTILL_TRACEBACK=1``. Other errors keep Python's traceback.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ from __future__ import annotations
 import ast
 import difflib
 import logging
+import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 
-__all__ = ["MONAI_RUN_ARGS", "role_knobs", "check_cli"]
+__all__ = ["MONAI_RUN_ARGS", "role_knobs", "check_cli", "project_error", "report_project_error", "install_excepthook"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +38,76 @@ MONAI_RUN_ARGS = frozenset(
 )
 
 _KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:(.*)$")
+
+#: packages whose ValueError/OSError messages are written for users (this repository's code)
+_REPO = Path(__file__).resolve().parents[1]
+_PROJECT_DIRS = tuple(str(_REPO / d) + os.sep for d in ("pipelines", "distill", "networks", "transforms"))
+#: set to 1 to print the full traceback after the project's message
+TRACEBACK_ENV = "CTDISTILL_TRACEBACK"
+
+
+def _raised_in_project(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PROJECT_DIRS)
+
+
+def project_error(exc: BaseException) -> BaseException | None:
+    """The outermost error in ``exc``'s chain that the project raised for a user, or None.
+
+    Args:
+        exc: the exception that ended the program (e.g. MONAI's ``RuntimeError: Failed to evaluate ...``).
+
+    Returns:
+        the first ``BundleInputError`` in the chain (``__cause__``/``__context__``, outermost first), else the first
+        ``ValueError``/``OSError`` raised in this repository's code; None when there is neither.
+    """
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for c in chain:
+        if type(c).__name__ == "BundleInputError" and isinstance(c, ValueError):
+            return c
+    for c in chain:
+        if isinstance(c, (ValueError, OSError)) and _raised_in_project(c):
+            return c
+    return None
+
+
+def report_project_error(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    """``sys.excepthook``: the project's message first (``ERROR: ...``), the traceback only on request.
+
+    Errors the project did not raise go to Python's default hook (full traceback).
+
+    Args:
+        kind: exception type.
+        value: the exception.
+        tb: its traceback.
+    """
+    err = project_error(value) if isinstance(value, Exception) else None
+    if err is None:
+        sys.__excepthook__(kind, value, tb)
+        return
+    message = str(err).strip() or type(err).__name__
+    sys.stderr.write(f"ERROR: {message}\n")
+    if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+        sys.stderr.write("".join(traceback.format_exception(kind, value, tb)))
+    else:
+        sys.stderr.write(f"({type(err).__name__}; set {TRACEBACK_ENV}=1 for the full traceback)\n")
+    sys.stderr.flush()
+
+
+def install_excepthook() -> None:
+    """Install :func:`report_project_error` as ``sys.excepthook`` (once; a hook someone else set is kept)."""
+    if sys.excepthook in (sys.__excepthook__, report_project_error):
+        sys.excepthook = report_project_error
+    else:
+        logger.debug("sys.excepthook already replaced (%r): project errors keep the default report", sys.excepthook)
 
 
 def role_knobs(config_files: Sequence[str | Path]) -> dict[str, str]:
@@ -88,6 +166,9 @@ def _cli_keys(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 def check_cli(argv: Sequence[str] | None = None) -> bool:
     """Stop on ``--help`` (print the knobs) or on a knob the bundle does not define.
 
+    Called with the process's own command line (``argv`` None) of a bundle run, it also installs
+    :func:`install_excepthook` (the project's error message first, not MONAI's traceback).
+
     Args:
         argv: the command line (default ``sys.argv``); only ``python -m monai.bundle run <id> ...`` is checked.
 
@@ -98,9 +179,12 @@ def check_cli(argv: Sequence[str] | None = None) -> bool:
         SystemExit: ``--help``/``-h`` (exit 0 after printing the role's knobs).
         ValueError: an unknown knob, naming it, the closest valid knobs and where the valid ones are listed.
     """
+    from_cli = argv is None
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 3 or not argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") or argv[1] != "run":
         return True
+    if from_cli:  # this process is a bundle command line: the user sees the project's message first
+        install_excepthook()
     tokens = argv[3:] if not argv[2].startswith("-") else argv[2:]
     keys, values = _cli_keys(tokens)
     files = _config_files(values.get("config_file", ""))

@@ -214,28 +214,142 @@ def kd_params(weights: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class TaggedMLFlowHandler(MLFlowHandler):
-    """MONAI's ``MLFlowHandler`` that also sets tags on its run when the engine starts (the bundles' ``run_tags``).
+    """MONAI's ``MLFlowHandler`` with run tags, one run history across ``--resume``, and crashed runs marked FAILED.
 
-    The bundle knob ``--run_tags "{'mlflow.parentRunId': '<id>'}"`` nests the run under a parent run in the MLflow
-    UI (``pipelines.experiment`` links every arm's training and evaluation runs to its experiment run this way).
-    With no tags it behaves exactly as ``MLFlowHandler``.
+    * Tags: the bundle knob ``--run_tags "{'mlflow.parentRunId': '<id>'}"`` nests the run under a parent run in the
+      MLflow UI (``pipelines.experiment`` links every arm's training and evaluation runs to its experiment run this
+      way).
+    * Resume: with ``run_id_file`` (the training bundles pass ``<output_dir>/checkpoints/mlflow_run_id``) the
+      trainer's handler records its run id there when the engine starts; with ``reopen=True`` (``--resume true``) it
+      first reopens the run recorded there, so a killed and resumed training keeps ONE run whose metrics continue
+      at the resumed epoch (parameters already logged are kept; a changed value is logged as a warning and a
+      ``resumed.<name>`` tag). The evaluator's handler passes ``reopen=True, record=False``: it follows the run
+      the trainer recorded.
+    * Failures: an exception raised in the engine (a crash, an unreadable case, a full disk, Ctrl-C) ends the run
+      with status FAILED (KILLED for ``KeyboardInterrupt``) before ignite re-raises it, instead of leaving it
+      RUNNING. The handler runs before the other ``EXCEPTION_RAISED`` handlers (MONAI's ``StatsHandler`` re-raises at
+      once, so handlers after it never run) and re-raises the exception itself.
+
+    With none of the extra arguments it behaves as ``MLFlowHandler`` (plus the FAILED status).
 
     Args:
         args: ``MLFlowHandler`` arguments.
         run_tags: ``{tag: value}`` set on the run (values as strings); ``None`` or ``{}`` sets none.
+        run_id_file: file that records the run id (``None``: not recorded, runs are found by name as MONAI does).
+        reopen: continue the run recorded in ``run_id_file`` when it exists (a CLI string such as ``"true"`` is
+            accepted).
+        record: write this handler's run id to ``run_id_file`` when the engine starts.
         kwargs: ``MLFlowHandler`` keyword arguments.
     """
 
-    def __init__(self, *args: Any, run_tags: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        run_tags: Mapping[str, Any] | None = None,
+        run_id_file: str | os.PathLike | None = None,
+        reopen: Any = False,
+        record: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        from pipelines.workflow import as_bool
+
         self.run_tags = {str(k): str(v) for k, v in dict(run_tags or {}).items()}
+        self.run_id_file = Path(run_id_file) if run_id_file else None
+        self.reopen, self.record = as_bool(reopen), as_bool(record)
         self._tagged: str | None = None
 
-    def start(self, engine: Any) -> None:
-        """Start (or attach to) the run as ``MLFlowHandler`` does, then set the tags once per run."""
-        super().start(engine)
-        if self.run_tags and self.cur_run is not None and self._tagged != self.cur_run.info.run_id:
+    def attach(self, engine: Any) -> None:
+        """Attach as ``MLFlowHandler`` does, plus the ``EXCEPTION_RAISED`` handler, placed first."""
+        from ignite.engine import Events
+
+        super().attach(engine)
+        if not engine.has_event_handler(self.exception_raised, Events.EXCEPTION_RAISED):
+            engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+            handlers = getattr(engine, "_event_handlers", {}).get(Events.EXCEPTION_RAISED)
+            if isinstance(handlers, list) and len(handlers) > 1:
+                handlers.insert(0, handlers.pop())  # before StatsHandler, which re-raises and stops the others
+
+    def _recorded_run_id(self) -> str:
+        try:
+            return self.run_id_file.read_text().strip() if self.run_id_file is not None else ""
+        except OSError:
+            return ""
+
+    def _reopen(self, engine: Any) -> None:
+        """Continue the run recorded in ``run_id_file`` (status back to RUNNING); a missing run starts a new one."""
+        run_id = self._recorded_run_id()
+        if not run_id:
+            if self.record:
+                logger.warning("no MLflow run recorded in %s: the resumed training starts a new MLflow run", self.run_id_file)
+            return
+        try:
+            run = self.client.get_run(run_id)
+        except Exception as e:  # noqa: BLE001 - another store, a deleted run: start anew, say so
+            logger.warning("MLflow run %s (from %s) not found in this tracking store (%s): starting a new run", run_id, self.run_id_file, e)
+            return
+        if run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        self.cur_run = self.client.get_run(run_id)
+        if self.experiment_param:
+            logged = self.cur_run.data.params
+            changed = {k: str(v) for k, v in self.experiment_param.items() if k in logged and logged[k] != str(v)}
+            for k, v in changed.items():
+                logger.warning("resumed MLflow run %s: parameter %s was %r, now %r (kept; tagged resumed.%s)", run_id, k, logged[k], v, k)
+            if changed:
+                from mlflow.entities import RunTag
+
+                self.client.log_batch(run_id, tags=[RunTag(f"resumed.{k}", v) for k, v in changed.items()])
+            self.experiment_param = {k: v for k, v in self.experiment_param.items() if k not in logged}
+        if self.record:
             from mlflow.entities import RunTag
 
-            self.client.log_batch(self.cur_run.info.run_id, tags=[RunTag(k, v) for k, v in self.run_tags.items()])
-            self._tagged = self.cur_run.info.run_id
+            epoch = int(getattr(engine.state, "epoch", 0) or 0)
+            self.client.log_batch(run_id, tags=[RunTag("resumed_from_epoch", str(epoch))])
+            logger.info("continuing MLflow run %s (%s) from epoch %d", run_id, self.cur_run.info.run_name, epoch)
+
+    def start(self, engine: Any) -> None:
+        """Reopen the recorded run (resume) or start/attach as ``MLFlowHandler`` does; record the id; set the tags."""
+        if self.cur_run is None and self.reopen and self.run_id_file is not None:
+            self._reopen(engine)
+        super().start(engine)
+        if self.cur_run is None:
+            return
+        run_id = self.cur_run.info.run_id
+        if self.record and self.run_id_file is not None and self._recorded_run_id() != run_id:
+            from pipelines.atomic import atomic_write_text
+
+            atomic_write_text(self.run_id_file, run_id + "\n")
+        if self.run_tags and self._tagged != run_id:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self.run_tags.items()])
+            self._tagged = run_id
+
+    def exception_raised(self, engine: Any, e: BaseException) -> None:
+        """End the run as FAILED (KILLED for ``KeyboardInterrupt``), then re-raise ``e``.
+
+        Args:
+            engine: the ignite engine (unused).
+            e: the exception ignite caught.
+
+        Raises:
+            BaseException: ``e`` itself, always.
+        """
+        if self.cur_run is not None:
+            from mlflow.entities import RunStatus
+
+            status = RunStatus.KILLED if isinstance(e, KeyboardInterrupt) else RunStatus.FAILED
+            run_id = self.cur_run.info.run_id
+            try:
+                self.client.set_terminated(run_id, RunStatus.to_string(status))
+                logger.info("MLflow run %s ended as %s: %s", run_id, RunStatus.to_string(status), type(e).__name__)
+            except Exception as err:  # noqa: BLE001 - never hide the original error behind a tracking error
+                logger.warning("could not mark MLflow run %s as %s: %s", run_id, RunStatus.to_string(status), err)
+            finally:
+                self.cur_run = None
+                try:
+                    self._dispose_sqlite_store()
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+        raise e

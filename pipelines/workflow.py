@@ -23,7 +23,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.inferers import Inferer, SimpleInferer, SliceInferer, SlidingWindowInferer
 
-from pipelines.atomic import atomic_copy, atomic_torch_save, atomic_write_text, same_bytes
+from pipelines.atomic import atomic_copy, atomic_torch_save, atomic_write_text, remove_stale_temps, same_bytes
 from pipelines.metrics import RegionMetric
 
 __all__ = [
@@ -37,6 +37,8 @@ __all__ = [
     "release_output_dir",
     "preflight",
     "run_check_dataset",
+    "check_free_disk",
+    "checkpoint_bytes",
     "check_teacher_checkpoint",
     "kd_weights",
     "make_inferer",
@@ -397,7 +399,24 @@ def load_split(splits_file: str | os.PathLike, section: str | Sequence[str], lab
     raise BundleInputError(f"{splits_file} has no {what} in {section!r}; sections present: {[k for k in data if k != 'meta']}.")
 
 
-def check_teacher_checkpoint(path: str | os.PathLike | None, role: str, method: str | None = None) -> bool:
+def _teacher_input(state: Mapping[str, torch.Tensor], net_kwargs: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(input channels, spatial dims) of a teacher checkpoint: its ``network`` kwargs, else its first conv weight."""
+    channels, dims = net_kwargs.get("in_channels"), net_kwargs.get("spatial_dims")
+    first_conv = next((w for w in state.values() if isinstance(w, torch.Tensor) and w.ndim in (4, 5)), None)
+    if channels is None and first_conv is not None:
+        channels = int(first_conv.shape[1])
+    if dims is None and first_conv is not None:
+        dims = first_conv.ndim - 2
+    return (int(channels) if channels is not None else None), (int(dims) if dims is not None else None)
+
+
+def check_teacher_checkpoint(
+    path: str | os.PathLike | None,
+    role: str,
+    method: str | None = None,
+    in_channels: Any = None,
+    spatial_dims: Any = None,
+) -> bool:
     """KD roles: stop unless ``path`` is an existing checkpoint holding trained weights (and trained heads).
 
     Args:
@@ -406,13 +425,17 @@ def check_teacher_checkpoint(path: str | os.PathLike | None, role: str, method: 
         method: the distillation method; when given, the teacher is rebuilt from the checkpoint and every prediction
             head the method reads must have been trained (``distill.plan.check_trained_heads``: HLFD's UPD reads the
             UNet++ intermediate heads, which only a teacher trained with deep supervision has trained).
+        in_channels: the student's input channels (``@in_channels``: ``--num_slices`` in 2.5D, 1 in 3D); the teacher
+            reads the same batch, so it must take as many (None: not checked).
+        spatial_dims: the student's ``--spatial_dims`` (None: not checked).
 
     Returns:
         True.
 
     Raises:
-        BundleInputError: no path, a missing file, a file without weights, a checkpoint saved before any epoch, or
-            a teacher whose heads the method reads were never trained.
+        BundleInputError: no path, a missing file, a file without weights, a checkpoint saved before any epoch, a
+            teacher built for other input channels or spatial dims than the student (naming both), or a teacher
+            whose heads the method reads were never trained.
     """
     if not path:
         raise BundleInputError(
@@ -426,12 +449,25 @@ def check_teacher_checkpoint(path: str | os.PathLike | None, role: str, method: 
     from distill import read_checkpoint
 
     try:
-        read_checkpoint(p)
+        state, net_kwargs = read_checkpoint(p)
     except ValueError as e:
         raise BundleInputError(str(e)) from e
     ckpt = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(ckpt, dict) and int(ckpt.get("epoch", 1)) == 0:
         raise BundleInputError(f"teacher checkpoint {p} was saved before any training epoch (untrained).")
+    t_channels, t_dims = _teacher_input(state, net_kwargs)
+    want_channels, want_dims = optional_knob(in_channels), optional_knob(spatial_dims)
+    want_channels = int(want_channels) if want_channels is not None else None
+    want_dims = int(want_dims) if want_dims is not None else None
+    if (want_channels is not None and t_channels is not None and t_channels != want_channels) or (
+        want_dims is not None and t_dims is not None and t_dims != want_dims
+    ):
+        knobs = f"--spatial_dims {want_dims}" + (f" --num_slices {want_channels}" if want_dims == 2 else "")
+        raise BundleInputError(
+            f"teacher checkpoint {p} was built for {t_channels} input channel(s) ({t_dims}D) but the {role} student "
+            f"takes {want_channels} ({want_dims}D: {knobs}); distil from a teacher trained with the same "
+            "--spatial_dims and --num_slices, or set them to the teacher's."
+        )
     if method and method != "none":
         import distill
         from distill.plan import check_trained_heads
@@ -512,6 +548,78 @@ def run_check_dataset(splits_file: str | os.PathLike) -> list[str]:
     return lines
 
 
+#: checkpoint copies a training run holds on disk at once: best.pt, last.pt, the temporary file of a write in
+#: progress, and best.pt copied into the MLflow artifact store (sqlite default: inside output_dir)
+CHECKPOINT_COPIES = 4
+#: room for CSVs, the executed config, the split and the MLflow database
+DISK_MARGIN_BYTES = 16 << 20
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def checkpoint_bytes(network: torch.nn.Module, optimizer_states: int = 2) -> int:
+    """Estimated size of a training checkpoint of ``network``: its weights plus the optimizer's per-weight state.
+
+    Args:
+        network: the trained network (DDP-wrapped or not).
+        optimizer_states: tensors the optimizer keeps per weight (Adam: 2 moments).
+
+    Returns:
+        bytes (weights x (1 + optimizer_states) + buffers).
+    """
+    net = unwrap(network)
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in net.buffers())
+    return weights * (1 + int(optimizer_states)) + buffers
+
+
+def check_free_disk(output_dir: str | os.PathLike, network: torch.nn.Module | None = None, *, need_bytes: int = 0) -> int:
+    """Stop before long work when ``output_dir``'s filesystem cannot hold the run's checkpoints.
+
+    A run keeps :data:`CHECKPOINT_COPIES` checkpoints on disk at once (best, last, a write in progress, the MLflow
+    artifact copy) plus :data:`DISK_MARGIN_BYTES`; an earlier run's ``best.pt``/``last.pt`` being replaced count as
+    free. (The cache is in memory: :func:`preflight` checks it against RAM.)
+
+    Args:
+        output_dir: the run's output folder (must exist).
+        network: the network to be trained (its checkpoint size is estimated with :func:`checkpoint_bytes`).
+        need_bytes: further bytes the run will write.
+
+    Returns:
+        the bytes needed.
+
+    Raises:
+        BundleInputError: less free space than needed, with both numbers and the folder.
+    """
+    import shutil
+
+    d = Path(output_dir)
+    per_ckpt = checkpoint_bytes(network) if network is not None else 0
+    need = CHECKPOINT_COPIES * per_ckpt + DISK_MARGIN_BYTES + int(need_bytes)
+    try:
+        free = shutil.disk_usage(d).free
+    except OSError as e:
+        logger.warning("cannot read the free space of %s (%s): not checked", d, e)
+        return need
+    replaced = sum(f.stat().st_size for f in (d / "checkpoints" / "last.pt", d / "checkpoints" / "best.pt") if f.is_file())
+    if free + replaced < need:
+        mb = 1 << 20
+        raise BundleInputError(
+            f"not enough free disk space in output_dir {d}: {free / mb:.1f} MB free, the run needs about "
+            f"{need / mb:.1f} MB ({CHECKPOINT_COPIES} checkpoints of {per_ckpt / mb:.1f} MB + {DISK_MARGIN_BYTES / mb:.0f} MB "
+            "for logs and MLflow); free some space or choose another --output_dir."
+        )
+    return need
+
+
 def preflight(
     splits_file: str,
     *,
@@ -523,6 +631,8 @@ def preflight(
     pixdim: Sequence[float] | None = None,
     teacher_check: Any = True,
     tracking_uri: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    network: torch.nn.Module | None = None,
 ) -> bool:
     """Every check that must pass before a bundle starts long work.
 
@@ -538,14 +648,19 @@ def preflight(
             teacher is checked before anything else); ignored otherwise.
         tracking_uri: the MLflow store: a server must answer within seconds, a SQLite file must be a database
             (``pipelines.mlflow_tracking.check_tracking_uri``); None skips the check.
+        output_dir: the training output folder: its disk must hold the run's checkpoints (:func:`check_free_disk`);
+            None skips the check.
+        network: the network to be trained (the checkpoint size of the disk check).
 
     Returns:
         True (so it can sit in a bundle's expression list).
 
     Raises:
-        BundleInputError: with every integrity message, or the teacher / memory / tracking-store problem.
+        BundleInputError: with every integrity message, or the teacher / memory / disk / tracking-store problem.
     """
     in_plane_size, pixdim = optional_knob(in_plane_size), optional_knob(pixdim)
+    if output_dir is not None:
+        check_free_disk(output_dir, network)
     if tracking_uri:
         from pipelines.mlflow_tracking import check_tracking_uri
 
@@ -779,8 +894,10 @@ class TrainCheckpointer:
     def attach(self, engine: Engine) -> None:
         """Attach to the trainer (and to the evaluator given at construction)."""
         self._trainer = engine
+        # the end-of-epoch save is registered when the run starts (``_started``), after every other handler: the
+        # epoch's metrics reach MLflow before last.pt says the epoch is done, so a kill in between repeats the
+        # epoch's metrics on resume, never loses them
         engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
         if self.evaluator is not None:
             self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._validated)
 
@@ -809,6 +926,8 @@ class TrainCheckpointer:
         }
 
     def _started(self, engine: Engine) -> None:
+        if isinstance(engine, Engine) and not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
         if self.resume:
             if not self.last_path.is_file():
                 raise BundleInputError(f"--resume true but {self.last_path} does not exist; start without --resume.")
@@ -838,6 +957,9 @@ class TrainCheckpointer:
                 logger.warning("checkpoint epoch %d >= epochs %d: nothing left to train", engine.state.epoch, max_epochs)
         if self._rank0():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            # a run killed while writing a checkpoint leaves its temporary file (the checkpoint itself is intact)
+            for name in ("last.pt", "best.pt", "splits.json", "settings.json", "mlflow_run_id"):
+                remove_stale_temps(self.ckpt_dir / name)
             split_copy = self.ckpt_dir / "splits.json"
             if self.splits_file and Path(self.splits_file).resolve() != split_copy.resolve():
                 if not same_bytes(split_copy, Path(self.splits_file).read_bytes()):
@@ -845,6 +967,27 @@ class TrainCheckpointer:
             settings = json.dumps(self.settings, indent=1)
             if not same_bytes(self.ckpt_dir / "settings.json", settings.encode()):
                 atomic_write_text(self.ckpt_dir / "settings.json", settings)
+
+    def _save(self, state: dict[str, Any], path: Path) -> None:
+        """Write ``state`` atomically; a full disk is reported with the file and the numbers (the old file stays)."""
+        import shutil
+
+        try:
+            atomic_torch_save(state, path)
+        except (OSError, RuntimeError) as e:
+            try:
+                free = shutil.disk_usage(path.parent).free
+            except OSError:
+                raise e from None
+            size = _tensor_bytes(state)
+            if getattr(e, "errno", None) != errno.ENOSPC and free >= size:
+                raise
+            raise OSError(
+                errno.ENOSPC,
+                f"cannot write checkpoint {path}: the disk is full ({free / 2**20:.1f} MB free, the checkpoint needs "
+                f"about {size / 2**20:.1f} MB); {'the previous ' + path.name + ' is intact' if path.exists() else 'nothing was written'}. "
+                "Free some space, then continue with --resume true",
+            ) from e
 
     def _validated(self, evaluator: Engine) -> None:
         value = evaluator.state.metrics.get(self.key_metric)
@@ -861,7 +1004,7 @@ class TrainCheckpointer:
             self.best_metric, self.best_tie, self.best_epoch = value, tie, self._trainer.state.epoch
             self._best_saved = True
             if self._rank0():
-                atomic_torch_save(self._state(self._trainer), self.best_path)
+                self._save(self._state(self._trainer), self.best_path)
                 extra = f" ({self.tie_metric} {tie:.4f})" if self.tie_metric is not None else ""
                 logger.info("new best %s %.4f%s at epoch %d -> %s", self.key_metric, value, extra, self.best_epoch, self.best_path)
 
@@ -871,9 +1014,9 @@ class TrainCheckpointer:
             return
         if self.evaluator is None or not self._best_saved:
             # no validation ran (or no defined metric yet): keep a best.pt of THIS run so evaluation/inference can run
-            atomic_torch_save(self._state(engine), self.best_path)
+            self._save(self._state(engine), self.best_path)
             self._best_saved = True
-        atomic_torch_save(self._state(engine), self.last_path)
+        self._save(self._state(engine), self.last_path)
 
 
 def _plain(x: Any) -> Any:

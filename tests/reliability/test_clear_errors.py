@@ -63,3 +63,83 @@ def test_series_listing_shows_hashes_not_uids(tmp_path, capsys):
     message = capsys.readouterr().out
     assert "available" in message and uid not in message
     assert not Path(tmp_path / "out").exists() or not any(Path(tmp_path / "out").iterdir())
+
+
+def _teacher_ckpt(path: Path, spatial_dims: int, in_channels: int) -> Path:
+    """A trained-looking tiny UNet++ teacher checkpoint built for ``in_channels`` inputs."""
+    import torch
+
+    import networks
+
+    kwargs = {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": 3, "features": (4, 8, 8, 16)}
+    net = networks.create("unetpp_teacher", **kwargs)
+    torch.save({"model": net.state_dict(), "network": {"name": "unetpp_teacher", **kwargs}, "epoch": 1}, path)
+    return path
+
+
+@pytest.mark.parametrize("spatial_dims, in_channels", [(3, 1), (2, 5)], ids=["3d_1ch", "2d_5slices"])
+def test_teacher_for_other_input_channels_is_refused_in_preflight(spatial_dims, in_channels, tmp_path):
+    """A 3-slice 2.5D student cannot read a 1-channel 3D or a 5-slice teacher's inputs (was: conv RuntimeError)."""
+    from pipelines.workflow import check_teacher_checkpoint
+
+    ckpt = _teacher_ckpt(tmp_path / "teacher.pt", spatial_dims, in_channels)
+    with pytest.raises(BundleInputError) as err:
+        check_teacher_checkpoint(ckpt, "hlfd", None, in_channels=3, spatial_dims=2)
+    message = str(err.value)
+    assert str(ckpt) in message and f"{in_channels} input channel" in message and "takes 3" in message, message
+    assert one_line(message)
+    assert check_teacher_checkpoint(ckpt, "hlfd", None, in_channels=in_channels, spatial_dims=spatial_dims)
+
+
+def _monai_wrapped(error: Exception) -> RuntimeError:
+    """``error`` wrapped as MONAI's ConfigExpression does (two levels of 'Failed to evaluate ...')."""
+    try:
+        try:
+            try:
+                raise error
+            except Exception as e:
+                raise RuntimeError("Failed to evaluate ConfigExpression: teacher_check") from e
+        except RuntimeError as e:
+            raise RuntimeError("Failed to evaluate ConfigExpression: training#2") from e
+    except RuntimeError as outer:
+        return outer
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["default", "CTDISTILL_TRACEBACK=1"])
+def test_excepthook_prints_the_projects_message_first(full, tmp_path, capsys, monkeypatch):
+    """A missing teacher checkpoint, wrapped by MONAI: 'ERROR: <message>' first; the traceback only on request."""
+    from pipelines.knobs import project_error, report_project_error
+    from pipelines.workflow import check_teacher_checkpoint
+
+    monkeypatch.setenv("CTDISTILL_TRACEBACK", "1" if full else "")
+    try:
+        check_teacher_checkpoint(tmp_path / "teacher.pt", "hlfd")
+    except BundleInputError as e:
+        wrapped = _monai_wrapped(e)
+    assert isinstance(project_error(wrapped), BundleInputError)
+    report_project_error(type(wrapped), wrapped, wrapped.__traceback__)
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    assert first.startswith("ERROR: teacher checkpoint") and str(tmp_path / "teacher.pt") in first, err
+    assert ("Failed to evaluate" in err) is full and ("Traceback" in err) is full
+    # an error the project did not raise keeps Python's report
+    assert project_error(_monai_wrapped(KeyError("x"))) is None
+    assert project_error(_monai_wrapped(ValueError("from a library"))) is None
+
+
+def test_bundle_error_shows_the_projects_message_first(cohort, tmp_path):
+    """Through the bundle, a teacher built for other inputs: stderr starts with 'ERROR: <message>' naming the
+    checkpoint and both channel counts, not MONAI's 'Failed to evaluate' traceback (nor the conv RuntimeError)."""
+    from tests.reliability.conftest import run_bundle
+
+    ckpt = _teacher_ckpt(tmp_path / "teacher.pt", 3, 1)
+    proc = run_bundle(
+        "training", "bundles/hlfd/configs/train.yaml", "--dataset_dir", str(cohort), "--output_dir",
+        str(tmp_path / "run"), "--teacher_ckpt", str(ckpt), expect_ok=False, timeout=240,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and lines, proc.stdout[-2000:]
+    assert lines[0].startswith("ERROR: teacher checkpoint") and str(ckpt) in lines[0], proc.stderr[-3000:]
+    assert "Failed to evaluate" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "1 input channel(s) (3D)" in lines[0] and "takes 3 (2D" in lines[0]
+    assert not (tmp_path / "run" / "mlruns.db").exists(), "refused before any MLflow run"
