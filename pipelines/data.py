@@ -102,7 +102,8 @@ def build_dataset(
         ``monai.data.CacheDataset``.
 
     Raises:
-        ValueError: empty datalist, ``cache_rate`` outside [0, 1], negative ``num_workers``.
+        ValueError: empty datalist, ``cache_rate`` outside [0, 1], negative ``num_workers``, or a case that cannot
+            be loaded while caching (the message carries the loader's own message, which names the file).
     """
     from monai.data import CacheDataset
 
@@ -112,14 +113,23 @@ def build_dataset(
         raise ValueError(f"cache_rate must be within [0, 1], got {cache_rate}")
     if int(num_workers) < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    return CacheDataset(
-        data=list(datalist),
-        transform=transform,
-        cache_rate=float(cache_rate),
-        num_workers=max(1, int(num_workers)),  # MONAI reads None (and so a bare 0) as os.cpu_count() threads
-        copy_cache=copy_cache,
-        progress=progress,
-    )
+    try:
+        return CacheDataset(
+            data=list(datalist),
+            transform=transform,
+            cache_rate=float(cache_rate),
+            num_workers=max(1, int(num_workers)),  # MONAI reads None (and so a bare 0) as os.cpu_count() threads
+            copy_cache=copy_cache,
+            progress=progress,
+        )
+    except (RuntimeError, OSError, ValueError, EOFError) as e:
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise ValueError(
+            f"cannot load a case of the dataset while caching it: {type(root).__name__}: {root}. Run "
+            "`python -m pipelines.check_dataset <dataset or splits file>` to find every unreadable file."
+        ) from e
 
 
 def available_memory_bytes() -> int:

@@ -150,3 +150,20 @@ def test_val_cache_holds_one_volume_not_k_stacked_copies(tmp_path, k):
     assert cached["image"].numel() * 4 + cached["label"].numel() * 4 == cached_item_bytes(entry["image"])
     out = ds[0]
     assert tuple(out["image"].shape) == (k, 12, 10, 5) and tuple(out["label"].shape) == (1, 12, 10, 5)
+
+
+def test_a_truncated_case_is_a_clear_error_while_caching(tmp_path):
+    """--check_data false on a truncated volume: the caching error names the file (not a raw EOFError traceback)."""
+    import pytest
+
+    from pipelines.data import build_dataset
+    from pipelines.synthesize import synthesize
+    from transforms import build_transforms
+
+    data = tmp_path / "kits"
+    synthesize("kits", cases=2, size=32, out=data, seed=0)
+    img = data / "case_00001" / "imaging.nii.gz"
+    img.write_bytes(img.read_bytes()[:200])  # truncated gzip
+    items = [{"image": str(data / f"case_0000{i}" / "imaging.nii.gz"), "label": str(data / f"case_0000{i}" / "segmentation.nii.gz")} for i in (0, 1)]
+    with pytest.raises(ValueError, match=r"cannot load a case.*case_00001.*check_dataset"):
+        build_dataset(items, build_transforms("val", spatial_dims=2, num_slices=3, task="kits", in_plane_size=None), cache_rate=1.0, num_workers=0)
