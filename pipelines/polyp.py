@@ -35,6 +35,8 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
+from pipelines.atomic import atomic_write, atomic_write_text
+
 __all__ = [
     "POLYP_DATASETS",
     "TEST_SHARES",
@@ -148,11 +150,7 @@ def write_polyp_splits(
         split["training"] += train
         counts[name] = {"training": len(train), "validation": len(val), "test": len(test)}
     split["meta"] = {"created_by": "pipelines.polyp", "seed": int(seed), "val_fraction": val_fraction, "limit": limit, "counts": counts}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(split, indent=1))
-    os.replace(tmp, out)
+    out = atomic_write_text(out, json.dumps(split, indent=1))  # the temp file is removed if the write fails
     return str(out)
 
 
@@ -306,10 +304,7 @@ class WriteMaskd(MapTransform):
             target = self.output_dir / f"{src.stem}.png"
             if target.resolve() == src.resolve():
                 raise ValueError(f"refusing to overwrite the input {src}.")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}.png")
-            img.save(tmp)
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp, img=img: img.save(tmp, format="PNG"))
             self.rows.append([src.stem, float(arr.mean()), str(target)])
         return d
 
