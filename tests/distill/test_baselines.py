@@ -7,7 +7,7 @@ import torch
 import distill
 from distill.baselines import ImportanceMapLoss, PairwiseAffinityLoss, RegionAffinityLoss
 from distill.baselines.emkd import region_prototypes
-from tests.distill.tiny_nets import np_at_dist, np_conv1x1, np_kl, np_resize, np_softmax, pair
+from tests.distill.tiny_nets import distill_once, np_at_dist, np_conv1x1, np_kl, np_resize, np_softmax, pair
 
 
 def t(x):
@@ -61,18 +61,8 @@ def test_region_affinity_by_hand_and_numpy():
     np.testing.assert_allclose(region_prototypes(t(feat), t(onehot)).numpy(), want, rtol=1e-9)
 
 
-def _run(method, seed=0, **weights):
-    s_net, t_net = pair(seed=seed)
-    x = torch.randn(2, 1, 16, 16)
-    d = distill.create_distiller(method, s_net, t_net, **weights)
-    with d.student_capture:
-        s_net(x)
-    sf, tf = d.student_capture.outputs, d.teacher_features(x)
-    return d, sf, tf
-
-
 def test_hinton_matches_numpy_and_zero_on_equal_logits():
-    d, sf, tf = _run("hinton")
+    _, d, sf, tf = distill_once("hinton")
     out = d(sf, tf)
     want = np_kl(sf["head"].detach().double().numpy(), np_softmax(tf["head"].double().numpy() / 4), 4)
     assert out["kd_kl"].item() == pytest.approx(want, rel=1e-4)
@@ -81,7 +71,7 @@ def test_hinton_matches_numpy_and_zero_on_equal_logits():
 
 
 def test_skd_pixel_plus_pair():
-    d, sf, tf = _run("skd")
+    _, d, sf, tf = distill_once("skd")
     out = d(sf, tf)
     s_logit, t_logit = sf["head"].detach().double().numpy(), tf["head"].double().numpy()
     pixel = np_kl(s_logit, np_softmax(t_logit), 1) * s_logit.shape[0]  # summed over the batch (SKD's official scale)
@@ -93,7 +83,7 @@ def test_skd_pixel_plus_pair():
 
 
 def test_skd_holistic_trains_critic_and_reverses_student_gradient():
-    d, sf, tf = _run("skd", holistic=0.1)
+    _, d, sf, tf = distill_once("skd", holistic=0.1)
     out = d(sf, tf)
     assert "kd_holistic" in out and torch.isfinite(out["kd_holistic"])
     out["kd_total"].backward()
@@ -101,7 +91,7 @@ def test_skd_holistic_trains_critic_and_reverses_student_gradient():
 
 
 def test_emkd_terms():
-    d, sf, tf = _run("emkd")
+    _, d, sf, tf = distill_once("emkd")
     # default pairing by nearest stride: student early(2)->teacher early(2), mid1(4)->mid1, mid2(8)->mid2, late(8)->mid2
     assert [tp.path for tp in d.method.plan.teacher["feat"]] == ["early", "mid1", "mid2", "mid2"]
     labels = torch.randint(0, 2, (2, 1, 16, 16))
@@ -117,7 +107,7 @@ def test_emkd_terms():
 
 
 def test_hifd_matches_numpy():
-    d, sf, tf = _run("hifd")
+    _, d, sf, tf = distill_once("hifd")
     out = d(sf, tf)
     late = tf["late"].double().numpy()
     p_t = np_softmax(tf["head"].double().numpy() / 4)
@@ -133,7 +123,7 @@ def test_hifd_matches_numpy():
 
 
 def test_imf_matches_numpy():
-    d, sf, tf = _run("imf")
+    _, d, sf, tf = distill_once("imf")
     out = d(sf, tf)
     c = d.connectors
     late = tf["late"].double().numpy()

@@ -15,20 +15,11 @@ import torch
 import distill
 from networks.student import ResNet18Student
 from networks.unetpp import UNetPlusPlus
-from tests.distill.tiny_nets import TinyNet, np_conv1x1, np_kl, np_resize, np_softmax, pair
+from tests.distill.tiny_nets import TinyNet, distill_once, np_conv1x1, np_kl, np_resize, np_softmax, pair
 
 
 def t(x):
     return torch.tensor(x, dtype=torch.float64)
-
-
-def _run(method, seed=0, **weights):
-    s_net, t_net = pair(seed=seed)
-    x = torch.randn(2, 1, 16, 16)
-    d = distill.create_distiller(method, s_net, t_net, **weights)
-    with d.student_capture:
-        s_net(x)
-    return s_net, d, d.student_capture.outputs, d.teacher_features(x)
 
 
 # ---------------------------------------------------------------- SKD (Liu et al., CVPR 2019)
@@ -51,7 +42,7 @@ def np_teacher_entropy_term(tt):
 
 
 def test_skd_pixel_term_has_the_official_scale():
-    _, d, sf, tf = _run("skd")
+    _, d, sf, tf = distill_once("skd")
     s, tt = sf["head"].detach().double().numpy(), tf["head"].double().numpy()
     assert s.shape[0] == 2
     want = np_skd_official(s, tt) + np_teacher_entropy_term(tt)  # KL form: the official CE minus the teacher entropy
@@ -61,7 +52,7 @@ def test_skd_pixel_term_has_the_official_scale():
 
 
 def test_skd_pixel_gradient_equals_the_official_loss_gradient():
-    _, d, sf, tf = _run("skd")
+    _, d, sf, tf = distill_once("skd")
     s = sf["head"].detach().clone().requires_grad_(True)
     d({"head": s, "late": sf["late"].detach()}, tf)["kd_pixel"].backward()
     # the official loss, in plain torch: rows of (pixels, classes), summed, divided by W*H
@@ -210,7 +201,7 @@ def test_emkd_rad_taps_default_to_the_imd_taps_and_can_be_overridden():
 
 
 def test_hifd_distils_the_final_output_too():
-    s_net, d, sf, tf = _run("hifd")
+    s_net, d, sf, tf = distill_once("hifd")
     out = d(sf, tf)
     npf = lambda f, k: f[k].detach().double().numpy()  # noqa: E731
     p_t = np_softmax(npf(tf, "head") / 4)
@@ -240,7 +231,7 @@ def _np_imf_attentive(branch_feats, c, size):
 def test_imf_network_deploys_the_attentive_branches():
     from distill.baselines import IMFNetwork
 
-    s_net, d, sf, tf = _run("imf")
+    s_net, d, sf, tf = distill_once("imf")
     net = IMFNetwork(s_net, d)
     assert net.out_channels == 2 and net.spatial_dims == 2
     net.eval()

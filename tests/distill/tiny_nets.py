@@ -135,3 +135,15 @@ def np_hlfd_terms(sf, tf, connectors):
     p_fin = np_softmax(f["head"] / 4)
     ipd = float(np.mean([np_kl(np_conv1x1(m, h), p_fin, 4) for m, h in zip(s_mid, connectors["ipd"])]))
     return ufd, ifd, upd, ipd
+
+
+def distill_once(method: str, seed: int = 0, **weights):
+    """One forward of a TinyNet pair through a fresh distiller: ``(student, distiller, student taps, teacher taps)``."""
+    import distill
+
+    s_net, t_net = pair(seed=seed)
+    x = torch.randn(2, 1, 16, 16)
+    d = distill.create_distiller(method, s_net, t_net, **weights)
+    with d.student_capture:
+        s_net(x)
+    return s_net, d, d.student_capture.outputs, d.teacher_features(x)
