@@ -470,10 +470,20 @@ def check_teacher_checkpoint(
         )
     if method and method != "none":
         import distill
+        import networks
         from distill.plan import check_trained_heads
 
+        # which heads were trained follows from the architecture the checkpoint records (deep_supervision), so the
+        # network is built from the kwargs already read, not loaded from the file a third time
+        name = net_kwargs.get("name")
+        if not name:
+            raise BundleInputError(
+                f"teacher checkpoint {p} records no network name; save it as {{'model': state_dict, 'network': "
+                f"{{'name': <one of {', '.join(networks.NETWORKS)}>, **create kwargs}}}} (the bundles do)."
+            )
         try:
-            check_trained_heads(distill.load_teacher(p), distill.method_class(method).TEACHER_ROLES)
+            teacher = networks.create(name, **{k: v for k, v in net_kwargs.items() if k != "name"})
+            check_trained_heads(teacher, distill.method_class(method).TEACHER_ROLES)
         except ValueError as e:
             raise BundleInputError(f"teacher checkpoint {p}: {e}") from e
     return True
