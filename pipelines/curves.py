@@ -18,6 +18,8 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from pipelines.atomic import atomic_write_text
+
 __all__ = ["ValidationHistory", "read_history"]
 
 logger = logging.getLogger(__name__)
@@ -76,10 +78,4 @@ class ValidationHistory:
         writer = csv.DictWriter(buf, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(self.rows)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_text(buf.getvalue())
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_text(self.path, buf.getvalue())

@@ -54,6 +54,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.atomic import atomic_copy, atomic_write_json
+
 __all__ = [
     "ARMS",
     "DEFAULT_METHODS",
@@ -771,13 +773,6 @@ def format_markdown(table: pd.DataFrame, notes: Sequence[str] = ()) -> str:
 # --------------------------------------------------------------------------------------------- experiment
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_done(path: Path) -> dict[str, Any] | None:
     """The done marker when it is complete and its per-case CSV exists, else None."""
     try:
@@ -902,9 +897,7 @@ def _write_split(cfg: ExperimentConfig, data: Path, out: Path) -> Path:
     target = out / "splits.json"
     src = Path(resolve_splits(str(data), str(out), seed=cfg.data_seed, task=cfg.task))
     if src.resolve() != target.resolve():
-        tmp = target.with_name(".splits.json.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, target)
+        atomic_copy(src, target)
     return target
 
 
@@ -1003,10 +996,11 @@ def run_experiment(cfg: ExperimentConfig) -> pd.DataFrame:
         "preset": cfg.preset,
     }
     parent = tracker.open_parent(previous.get("parent_run_id"), params)
-    _write_json_atomic(
+    atomic_write_json(
         state_path,
         {"settings": _settings(cfg), "parent_run_id": parent, "tracking_uri": uri, "experiment_name": cfg.experiment_name,
          "data_dir": str(data), "splits_sha256": split_sha, "config": asdict(cfg)},
+        default=str,
     )  # fmt: skip
     logger.info("MLflow parent run %s in %s (experiment %s)", parent, uri, cfg.experiment_name)
 
@@ -1111,7 +1105,7 @@ def _run_arm(
     }
     if not Path(record["cases_csv"]).is_file():
         raise RuntimeError(f"{arm.name} seed {seed}: the evaluation wrote no {record['cases_csv']}.")
-    _write_json_atomic(marker, record)
+    atomic_write_json(marker, record, default=str)
     trained = "not trained (reused checkpoint)" if reused else f"train {train_s:.1f} s"
     logger.info("%s seed %d: done (%s, evaluation %.1f s)", arm.name, seed, trained, eval_s)
     return record
