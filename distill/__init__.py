@@ -7,7 +7,9 @@ Public API:
 - ``DistillationHandler(distiller, teacher=None, allow_untrained_teacher=False, ...)`` for a MONAI SupervisedTrainer
 - ``trainable_parameters(student, distiller)``: student + connector parameters for the optimiser
 - ``load_teacher(checkpoint_path, network_name=None, **network_kwargs)``; ``mark_trained``; ``trained_source``
-- ``FeatureCapture`` (hooks by module path); ``attention_map``/``attention_distance``; ``seg_losses.SegLoss``/``StructureLoss``
+- ``FeatureCapture`` (hooks by module path); ``attention_map``/``attention_distance``
+
+The segmentation losses every role trains with (``SegLoss``, ``StructureLoss``) live in ``networks.losses``.
 
 Wiring (a bundle does the same with ``_target_`` entries; the handler may go in ``train_handlers``)::
 
@@ -15,7 +17,7 @@ Wiring (a bundle does the same with ``_target_`` entries; the handler may go in 
     student = networks.create("resnet18_student", spatial_dims=2, in_channels=3, out_channels=3)
     distiller = distill.create_distiller("hlfd", student, teacher, beta=0.9, lam=0.1, temperature=4.0)
     optimizer = torch.optim.Adam(distill.trainable_parameters(student, distiller), lr=1e-3)
-    trainer = SupervisedTrainer(..., network=student, optimizer=optimizer, loss_function=distill.SegLoss())
+    trainer = SupervisedTrainer(..., network=student, optimizer=optimizer, loss_function=networks.SegLoss())
     distill.DistillationHandler(distiller, teacher=teacher).attach(trainer)
 
 Save ``distiller.state_dict()`` (the connectors) next to the student only to resume training; export the student alone.
@@ -30,7 +32,6 @@ from distill.handler import DistillationHandler
 from distill.hlfd import HLFD, IFDLoss, IPDLoss, UFDLoss, UPDLoss
 from distill.method import KDMethod
 from distill.registry import METHODS, create_distiller, default_weights, method_class
-from distill.seg_losses import SegLoss, StructureLoss
 from distill.teacher import load_teacher, mark_trained, read_checkpoint, trained_source
 
 __all__ = [
@@ -52,8 +53,6 @@ __all__ = [
     "unwrap",
     "attention_map",
     "attention_distance",
-    "SegLoss",
-    "StructureLoss",
     "freeze",
     "trainable_parameters",
     "load_teacher",

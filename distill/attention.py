@@ -17,33 +17,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from networks.blocks import resize_to
+
 __all__ = ["resize_to", "spatial_attention", "attention_map", "attention_distance"]
-
-_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
-
-
-def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Resize a channel-first map to a spatial size with (bi/tri)linear interpolation (``align_corners=False``).
-
-    Args:
-        x: ``(B, C, *spatial)`` with 1 to 3 spatial axes.
-        size: target spatial size (as many axes as ``x`` has).
-
-    Returns:
-        ``(B, C, *size)``; ``x`` itself when it already has that size.
-
-    Raises:
-        ValueError: when ``x`` has not 1-3 spatial axes or ``size`` has a different number of axes.
-    """
-    if x.ndim not in _MODES:
-        raise ValueError(f"resize_to expects (B, C, *spatial) with 1-3 spatial axes, got shape {tuple(x.shape)}.")
-    size = tuple(int(s) for s in size)
-    if len(size) != x.ndim - 2:
-        raise ValueError(f"Target size {size} has {len(size)} axes; the map {tuple(x.shape)} has {x.ndim - 2}.")
-    if tuple(x.shape[2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode=_MODES[x.ndim], align_corners=False)
-
 
 def spatial_attention(z: torch.Tensor, p: float = 4.0) -> torch.Tensor:
     """Un-normalised attention ``mean_c |z_c|^p``.

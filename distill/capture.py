@@ -26,8 +26,15 @@ OUTPUT_PATH = "<output>"
 _PREFIX = "module."
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """Return the network inside ``DistributedDataParallel``/``DataParallel`` wrappers, else ``model`` itself."""
+def unwrap(model: nn.Module | None) -> nn.Module | None:
+    """Return the network inside ``DistributedDataParallel``/``DataParallel`` wrappers, else ``model`` itself.
+
+    Args:
+        model: a network, possibly wrapped (several levels are unwrapped), or None.
+
+    Returns:
+        the innermost network; None for None.
+    """
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model

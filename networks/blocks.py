@@ -19,6 +19,7 @@ __all__ = [
     "ScaleUp",
     "interp_mode",
     "max_pool",
+    "resize_to",
 ]
 
 NormType = str | tuple
@@ -137,3 +138,29 @@ class ScaleUp(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, mode={self.mode}"
+
+
+_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
+
+
+def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize a channel-first map to a spatial size with (bi/tri)linear interpolation (``align_corners=False``).
+
+    Args:
+        x: ``(B, C, *spatial)`` with 1 to 3 spatial axes.
+        size: target spatial size (as many axes as ``x`` has).
+
+    Returns:
+        ``(B, C, *size)``; ``x`` itself when it already has that size.
+
+    Raises:
+        ValueError: when ``x`` has not 1-3 spatial axes or ``size`` has a different number of axes.
+    """
+    if x.ndim not in _MODES:
+        raise ValueError(f"resize_to expects (B, C, *spatial) with 1-3 spatial axes, got shape {tuple(x.shape)}.")
+    size = tuple(int(s) for s in size)
+    if len(size) != x.ndim - 2:
+        raise ValueError(f"Target size {size} has {len(size)} axes; the map {tuple(x.shape)} has {x.ndim - 2}.")
+    if tuple(x.shape[2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode=_MODES[x.ndim], align_corners=False)

@@ -8,7 +8,7 @@ For the first ``--cases`` labelled cases it builds the same ``train`` pipeline t
 (``transforms.build_transforms``), caches them as ``CacheDataset`` does, and measures:
 
 - the deterministic part per volume (load, orient, window, resize, pad, per-class voxel indices): seconds and the
-  bytes actually cached, next to the header-only estimate the bundles' preflight uses (``pipelines.data``);
+  bytes actually cached, next to the header-only estimate the bundles' preflight uses (``pipelines.engine.data``);
 - the random part per draw (``--samples`` 2.5D slabs or 3D patches from one cached volume, then augmentation):
   median milliseconds over ``--draws`` draws, and crops per second;
 - the crop sampler alone, from the cached per-class indices and, for comparison, scanning the whole label on every
@@ -117,7 +117,7 @@ def data_report(
     from monai.transforms import RandCropByLabelClassesd
 
     import transforms
-    from pipelines.data import cached_item_bytes
+    from pipelines.engine.data import cached_item_bytes
 
     if cases < 1 or draws < 1 or samples < 1:
         raise ValueError(f"cases ({cases}), draws ({draws}) and samples ({samples}) must be >= 1.")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.atomic import atomic_write_text
+from pipelines.engine.atomic import atomic_write_text
 
 __all__ = [
     "LAYOUTS",

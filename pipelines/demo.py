@@ -108,7 +108,7 @@ def _ms_per_slice(checkpoint: Path, image: str, repeats: int = 3) -> tuple[int, 
     from monai.data import MetaTensor
 
     import transforms
-    from pipelines.workflow import checkpoint_settings, make_inferer, network_from_checkpoint
+    from pipelines.engine import checkpoint_settings, make_inferer, network_from_checkpoint
 
     settings = checkpoint_settings(checkpoint)
     net = network_from_checkpoint(checkpoint, "cpu")
@@ -187,7 +187,7 @@ def run_demo(cfg: DemoConfig) -> list[MethodResult]:
         run_bundle("evaluating", role, "evaluate", dataset_dir=str(data), output_dir=str(runs / role), tracking_uri=uri, experiment_name="ctdistill_demo", num_workers=0)
         summ = _summary(runs / role / "eval" / "summary.csv")
         ckpt = runs / role / "checkpoints" / "best.pt"
-        from pipelines.workflow import load_split, sidecar
+        from pipelines.engine import load_split, sidecar
 
         test_image = load_split(sidecar(ckpt, "splits.json"), ["test", "validation"])[0]["image"]
         params, ms = _ms_per_slice(ckpt, test_image)

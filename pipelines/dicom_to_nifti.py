@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data import save_nifti
+from pipelines.engine.data import save_nifti
 
 __all__ = ["GAP_TOLERANCE", "TILT_WARN_DEGREES", "gantry_tilt_degrees", "SeriesInfo", "DicomSeriesError", "scan_series", "series_affine", "convert_dicom", "main"]
 

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.atomic import atomic_copy, atomic_write_json
+from pipelines.engine.atomic import atomic_copy, atomic_write_json
 
 __all__ = [
     "ARMS",
@@ -458,7 +458,7 @@ def _check_teacher(cfg: ExperimentConfig, arms: Sequence[str]) -> None:
     p = Path(cfg.teacher_ckpt)  # type: ignore[arg-type]
     if not p.is_file():
         raise ConfigError("--teacher-ckpt", f"{p} does not exist.")
-    from pipelines.workflow import BundleInputError, check_teacher_checkpoint, checkpoint_settings
+    from pipelines.engine import BundleInputError, check_teacher_checkpoint, checkpoint_settings
 
     methods = sorted({ARMS[a].overrides.get("kd_method", "hlfd") for a in arms if ARMS[a].distils})
     by_method = "method" in inspect.signature(check_teacher_checkpoint).parameters
@@ -892,7 +892,7 @@ def _prepare_data(cfg: ExperimentConfig, out: Path) -> Path:
 
 def _write_split(cfg: ExperimentConfig, data: Path, out: Path) -> Path:
     """``<out>/splits.json``: the one split of every arm (written once; the user's own split file is copied)."""
-    from pipelines.workflow import resolve_splits
+    from pipelines.engine import resolve_splits
 
     target = out / "splits.json"
     src = Path(resolve_splits(str(data), str(out), seed=cfg.data_seed, task=cfg.task))
@@ -955,8 +955,8 @@ def run_experiment(cfg: ExperimentConfig) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "experiment.json"
     previous = json.loads(state_path.read_text()) if cfg.resume and state_path.is_file() else {}
-    from pipelines.mlflow_tracking import file_sha256
-    from pipelines.workflow import run_check_dataset
+    from pipelines.engine import run_check_dataset
+    from pipelines.engine.tracking import file_sha256
 
     splits = out / "splits.json"
     if previous and splits.is_file() and file_sha256(splits) == previous.get("splits_sha256"):

@@ -37,7 +37,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from pipelines.data import save_nifti
+from pipelines.engine.data import save_nifti
 
 __all__ = [
     "TASKS",

@@ -33,7 +33,7 @@ class CacheBoundary:
     the first callable that is not a ``monai.transforms.Transform`` -- this class is deliberately not one.
 
     Used before the 2.5D whole-volume slice stacking, whose output is k copies of the volume: caching it would take
-    k times the image memory (and break :func:`pipelines.data.estimate_cache`'s bytes-per-voxel assumption), while
+    k times the image memory (and break :func:`pipelines.engine.data.estimate_cache`'s bytes-per-voxel assumption), while
     stacking after the cache costs one gather per item.
     """
 

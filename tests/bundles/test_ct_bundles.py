@@ -10,9 +10,9 @@ import sqlite3
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from pipelines.metrics import CASE_COLUMNS
+from pipelines.engine import load_checkpoint
+from pipelines.engine.metrics import CASE_COLUMNS
 from tests.bundles.conftest import TINY, TINY_WIDTHS, run_bundle
 from tests.conftest import subprocess_env
 
@@ -32,7 +32,7 @@ def test_teacher_run_writes_checkpoints_and_csv(teacher_run):
     ck = teacher_run / "checkpoints"
     for name in ("best.pt", "last.pt", "splits.json", "settings.json"):
         assert (ck / name).is_file(), name
-    last = torch.load(ck / "last.pt", map_location="cpu", weights_only=True)
+    last = load_checkpoint(ck / "last.pt")
     assert last["epoch"] == 1 and last["trainer"]["epoch"] == 1
     assert {"model", "network", "optimizer", "lr_scheduler", "settings"} <= set(last)
     assert last["network"]["name"] == "unetpp_teacher"
@@ -51,7 +51,7 @@ def test_train_role_one_epoch(role, cohort, teacher_run, tmp_path):
     if role == "transfuse_ct":
         args += ["--batch_size", "2"]
     run_bundle("training", f"bundles/{role}/configs/train.yaml", *args)
-    ck = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ck["epoch"] == 1
     if role in ("hlfd", "kd_baselines"):
         assert ck["distiller"] is not None
@@ -73,7 +73,7 @@ def test_3d_variant_by_one_override(cohort, tmp_path):
         "--dataset_dir", str(cohort), "--output_dir", str(tmp_path), "--network_kwargs", TINY_WIDTHS["unetpp_teacher"],
         *TINY, "--spatial_dims", "3", "--roi_size", "[32,32,16]", "--batch_size", "2",
     )  # fmt: skip
-    ck = torch.load(tmp_path / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    ck = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
     assert ck["network"]["spatial_dims"] == 3 and ck["network"]["in_channels"] == 1
 
 
@@ -113,7 +113,7 @@ def test_evaluate_matches_numpy(teacher_run, cohort):
 def test_resume_continues_from_saved_epoch(teacher_run, cohort, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(teacher_run, out)
-    before = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    before = load_checkpoint(out / "checkpoints" / "last.pt")
     proc = run_bundle(
         "training", "bundles/unetpp_teacher/configs/train.yaml",
         "--dataset_dir", str(cohort), "--output_dir", str(out), "--network_kwargs", TINY_WIDTHS["unetpp_teacher"],
@@ -122,7 +122,7 @@ def test_resume_continues_from_saved_epoch(teacher_run, cohort, tmp_path):
     log = proc.stdout + proc.stderr
     assert "resumed from" in log and "at epoch 1" in log
     assert "Epoch[1] Complete" not in log.replace("SupervisedEvaluator - INFO - Epoch[1] Complete", "")
-    after = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    after = load_checkpoint(out / "checkpoints" / "last.pt")
     assert before["epoch"] == 1 and after["epoch"] == 2
     assert after["optimizer"]["state"], "optimizer state restored and advanced"
 
@@ -201,7 +201,6 @@ def test_dataset_dir_without_data_stops(tmp_path):
 
 
 def test_inference_on_a_dicom_series(teacher_run, shared_data, tmp_path):
-    pytest.importorskip("pipelines.dicom_to_nifti")
     series = shared_data / "ct" / "totalsegmentator_example" / "example_ct_dicom"
     if not series.is_dir():
         pytest.skip(f"{series} not found")
@@ -238,6 +237,6 @@ def test_multi_gpu_overlay_on_cpu_gloo(cohort, teacher_run, tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    ck = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ck["epoch"] == 1 and not any(k.startswith("module.") for k in ck["model"]), "weights saved unwrapped"
     assert (tmp_path / "mlruns.db").is_file()

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.polyp import BinarizeMaskd, find_pairs, multiscale_size, write_polyp_splits
+from pipelines.engine import load_checkpoint
+from pipelines.engine.polyp import BinarizeMaskd, find_pairs, multiscale_size, write_polyp_splits
 from tests.bundles.conftest import run_bundle
 
 TINY_TRANSFUSE = "{'embed_dim': 16, 'depth': 1, 'num_heads': 2, 'cnn_widths': [4, 8, 16], 'cnn_layers': [1, 1, 1], 'decoder_channels': [8, 4], 'head_channels': 4}"
@@ -67,7 +68,7 @@ def test_transfuse_polyp_bundle_on_real_images(shared_data, tmp_path):
         "--dataset_dir", str(polyp), "--output_dir", str(out), "--limit", "4", "--size", "64", "--epochs", "1",
         "--batch_size", "4", "--num_workers", "0", "--network_kwargs", TINY_TRANSFUSE,
     )  # fmt: skip
-    ck = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    ck = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ck["epoch"] == 1 and ck["network"]["name"] == "transfuse_s" and ck["network"]["out_channels"] == 1
     run_bundle("evaluating", "bundles/transfuse_polyp/configs/evaluate.yaml", "--output_dir", str(out), "--num_workers", "0")
     with open(out / "eval" / "cases.csv") as f:

@@ -18,7 +18,7 @@ from monai.engines import SupervisedTrainer
 from torch import nn
 
 import distill
-from distill.seg_losses import SegLoss
+from networks.losses import SegLoss
 from tests.distill.tiny_nets import pair
 
 STEPS = 3

@@ -8,7 +8,7 @@ from monai.engines.utils import IterationEvents
 from torch import nn
 
 import distill
-from distill.seg_losses import SegLoss
+from networks.losses import SegLoss
 from tests.distill.tiny_nets import np_hlfd_terms, pair
 
 

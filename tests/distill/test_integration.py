@@ -10,7 +10,7 @@ from monai.engines import SupervisedTrainer
 
 import distill
 import networks
-from distill.seg_losses import SegLoss
+from networks.losses import SegLoss
 
 UNETPP = {"spatial_dims": 2, "in_channels": 3, "out_channels": 2, "features": (4, 8, 8, 16, 16), "deep_supervision": True}
 STUDENT = {"spatial_dims": 2, "in_channels": 3, "out_channels": 2, "base_width": 4}

@@ -13,7 +13,7 @@ import torch
 
 import distill
 import networks
-from distill.seg_losses import SegLoss
+from networks.losses import SegLoss
 
 KW = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "features": (4, 8, 8, 16)}  # 4 levels: heads 1..3
 STUDENT = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_width": 4}
@@ -77,7 +77,7 @@ def test_methods_reading_only_the_final_map_accept_a_teacher_without_deep_superv
 
 
 def test_bundle_preflight_refuses_a_teacher_without_deep_supervision_before_any_work(tmp_path):
-    from pipelines.workflow import BundleInputError, check_teacher_checkpoint
+    from pipelines.engine import BundleInputError, check_teacher_checkpoint
 
     _teacher(tmp_path, False)
     bad = tmp_path / "teacher_ds0.pt"

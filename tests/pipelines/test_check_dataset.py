@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from pipelines.check_dataset import Problem, check_dataset, main
-from pipelines.data import save_nifti
 from pipelines.datalist import write_datalist
+from pipelines.engine.data import save_nifti
 from pipelines.synthesize import synthesize
 
 SIZE = 64  # smallest in-plane size the synthesizer accepts reliably

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.dicom_to_nifti import main as dicom_main
-from pipelines.workflow import BundleInputError, preflight, resolve_splits
+from pipelines.engine import BundleInputError, preflight, resolve_splits
 from tests.pipelines.test_dicom_to_nifti import _z_positions, write_series
 from tests.reliability.conftest import one_line, snapshot
 
@@ -80,7 +80,7 @@ def _teacher_ckpt(path: Path, spatial_dims: int, in_channels: int) -> Path:
 @pytest.mark.parametrize("spatial_dims, in_channels", [(3, 1), (2, 5)], ids=["3d_1ch", "2d_5slices"])
 def test_teacher_for_other_input_channels_is_refused_in_preflight(spatial_dims, in_channels, tmp_path):
     """A 3-slice 2.5D student cannot read a 1-channel 3D or a 5-slice teacher's inputs (was: conv RuntimeError)."""
-    from pipelines.workflow import check_teacher_checkpoint
+    from pipelines.engine import check_teacher_checkpoint
 
     ckpt = _teacher_ckpt(tmp_path / "teacher.pt", spatial_dims, in_channels)
     with pytest.raises(BundleInputError) as err:
@@ -108,8 +108,8 @@ def _monai_wrapped(error: Exception) -> RuntimeError:
 @pytest.mark.parametrize("full", [False, True], ids=["default", "CTDISTILL_TRACEBACK=1"])
 def test_excepthook_prints_the_projects_message_first(full, tmp_path, capsys, monkeypatch):
     """A missing teacher checkpoint, wrapped by MONAI: 'ERROR: <message>' first; the traceback only on request."""
-    from pipelines.knobs import project_error, report_project_error
-    from pipelines.workflow import check_teacher_checkpoint
+    from pipelines.engine import check_teacher_checkpoint
+    from pipelines.engine.knobs import project_error, report_project_error
 
     monkeypatch.setenv("CTDISTILL_TRACEBACK", "1" if full else "")
     try:

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+from pipelines.engine import load_checkpoint
 from tests.conftest import REPO, subprocess_env
 from tests.reliability.conftest import TINY_WIDTHS, leftovers, run_bundle
 
@@ -66,7 +66,7 @@ def test_crash_during_training_marks_the_mlflow_run_failed(kits, tmp_path):
 
 def _epoch(path: Path) -> int:
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+        return int(load_checkpoint(path)["epoch"])
     except Exception:  # noqa: BLE001 - being written (atomic rename: only before it exists)
         return 0
 

@@ -15,18 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import atomic
 from pipelines.datalist import main as datalist_main
-from pipelines.infer import VOLUMES_CSV, WriteLabelMapd, discover_inputs
-from pipelines.metrics import write_csv_atomic
-from pipelines.workflow import (
+from pipelines.engine import (
     BundleInputError,
     TrainCheckpointer,
     TrainingOutput,
+    atomic,
     guard_training_output,
+    load_checkpoint,
     release_output_dir,
     resolve_splits,
 )
+from pipelines.engine.inference import VOLUMES_CSV, WriteLabelMapd, discover_inputs
+from pipelines.engine.metrics import write_csv_atomic
 from tests.reliability.conftest import TINY, TINY_WIDTHS, leftovers, one_line, run_bundle, snapshot, write_nifti
 
 
@@ -285,7 +286,7 @@ def test_overwrite_never_keeps_the_earlier_runs_best_checkpoint(tmp_path):
     saver = TrainCheckpointer(str(ck), net, evaluator=SimpleNamespace(), key_metric="dsc_tumor")
     engine = SimpleNamespace(state=SimpleNamespace(epoch=1, max_epochs=2, epoch_length=1))
     saver(engine)
-    assert torch.load(ck / "best.pt", weights_only=True)["epoch"] == 1
+    assert load_checkpoint(ck / "best.pt")["epoch"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ temp files
@@ -322,7 +323,7 @@ def test_failed_write_leaves_no_temp_file_and_keeps_the_old_file(writer, tmp_pat
         elif writer == "torch":
             atomic.atomic_torch_save({"x": torch.ones(1)}, target)
         else:
-            import pipelines.infer as infer
+            import pipelines.engine.inference as infer
 
             monkeypatch.setattr(infer, "atomic_write", failing)
             src = _scan(tmp_path / "in" / "scan_a.nii.gz", ct_volume)
@@ -372,5 +373,5 @@ def test_written_checkpoints_are_plain_and_load_weights_only(tmp_path):
     settings = {"network_name": "x", "network_kwargs": {"w": np.int64(4)}, "preprocessing": {"pixdim": (np.float64(1.5), 2.0), "a": np.arange(2)}, "flag": np.bool_(True)}
     saver = TrainCheckpointer(str(tmp_path), net, settings=settings)
     saver(SimpleNamespace(state=SimpleNamespace(epoch=1, max_epochs=1, epoch_length=1)))
-    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    ck = load_checkpoint(tmp_path / "last.pt")
     assert ck["settings"]["preprocessing"]["pixdim"] == [1.5, 2.0] and type(ck["settings"]["network_kwargs"]["w"]) is int

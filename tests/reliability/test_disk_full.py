@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines.workflow import BundleInputError, TrainCheckpointer, check_free_disk, checkpoint_bytes
+from pipelines.engine import BundleInputError, TrainCheckpointer, check_free_disk, checkpoint_bytes, load_checkpoint
 from tests.reliability.conftest import leftovers, one_line, snapshot
 
 
@@ -61,4 +61,4 @@ def test_checkpoint_write_on_a_full_disk_keeps_the_previous_one(small_disk):
     assert "disk is full" in message and "best.pt" in message and "--resume true" in message and one_line(message), message
     assert snapshot(ck) == before, "the previous checkpoints are intact"
     assert not leftovers(small_disk), "no temporary file left on the full disk"
-    assert torch.load(ck / "last.pt", weights_only=True)["epoch"] == 1
+    assert load_checkpoint(ck / "last.pt")["epoch"] == 1

@@ -15,7 +15,7 @@ import pytest
 from pipelines.check_dataset import main as check_main
 from pipelines.dicom_to_nifti import DicomSeriesError, convert_dicom
 from pipelines.dicom_to_nifti import main as dicom_main
-from pipelines.infer import discover_inputs
+from pipelines.engine.inference import discover_inputs
 from tests.pipelines.test_dicom_to_nifti import _z_positions, write_series
 from tests.reliability.conftest import leftovers, one_line, snapshot, write_nifti
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines.workflow import (
+from pipelines.engine import (
     BundleInputError,
     TrainCheckpointer,
     checkpoint_settings,

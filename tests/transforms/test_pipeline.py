@@ -119,7 +119,7 @@ def test_val_3d_and_liver_window(ras_case):
 
 
 def test_spacing_resample_inverts_and_matches_the_cache_estimate(ras_case):
-    from pipelines.data import cached_item_bytes
+    from pipelines.engine.data import cached_item_bytes
 
     tr = build_transforms("val", spatial_dims=2, pixdim=(1.8, 1.8, -1))  # in-plane 0.9 -> 1.8 mm, z kept
     out = tr(_files(ras_case))

@@ -40,7 +40,7 @@ MONAI_RUN_ARGS = frozenset(
 _KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:(.*)$")
 
 #: packages whose ValueError/OSError messages are written for users (this repository's code)
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 _PROJECT_DIRS = tuple(str(_REPO / d) + os.sep for d in ("pipelines", "distill", "networks", "transforms"))
 #: set to 1 to print the full traceback after the project's message
 TRACEBACK_ENV = "CTDISTILL_TRACEBACK"

@@ -18,7 +18,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from pipelines.atomic import atomic_write_text
+from pipelines.engine.atomic import atomic_write_text
 
 __all__ = ["ValidationHistory", "read_history"]
 

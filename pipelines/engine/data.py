@@ -6,7 +6,6 @@ import logging
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
+
+from pipelines.engine.atomic import atomic_write
 
 if TYPE_CHECKING:  # monai is imported lazily: the CLIs that only write NIfTI stay fast
     from monai.data import CacheDataset
@@ -59,19 +60,7 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, d
     image = nib.Nifti1Image(data, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: nib.save(image, tmp), fsync=False)
     return path
 
 

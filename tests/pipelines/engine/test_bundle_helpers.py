@@ -1,4 +1,5 @@
-"""Unit tests of the bundle helpers: flags, batch sizing, KD weights, preflight errors, inferers, MLflow helpers."""
+"""pipelines.engine helpers the bundles call: flags, batch sizing, KD weights, preflight errors, inferers, MLflow helpers,
+best-checkpoint ties."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ import json
 import pytest
 import torch
 
-from pipelines.mlflow_tracking import default_tracking_uri, file_sha256, kd_params, run_params, unique_run_name
-from pipelines.workflow import (
+from pipelines.engine import (
     BundleInputError,
     as_bool,
     check_teacher_checkpoint,
     kd_weights,
+    load_checkpoint,
     load_split,
     make_inferer,
     preflight,
     resolve_splits,
     volumes_per_batch,
 )
+from pipelines.engine.tracking import default_tracking_uri, file_sha256, kd_params, run_params, unique_run_name
 
 
 def test_as_bool():
@@ -95,22 +97,21 @@ def test_load_split_fallback_and_preflight_missing_files(tmp_path):
 def test_preflight_cache_that_does_not_fit(tmp_path, monkeypatch):
     import numpy as np
 
-    from pipelines.data import save_nifti
+    from pipelines.engine.data import save_nifti
 
     img = save_nifti(np.zeros((32, 32, 8), np.int16), np.eye(4), tmp_path / "i.nii.gz")
     lab = save_nifti(np.zeros((32, 32, 8), np.uint8), np.eye(4), tmp_path / "l.nii.gz")
     s = tmp_path / "s.json"
     s.write_text(json.dumps({"training": [{"image": str(img), "label": str(lab)}] * 4}))
-    monkeypatch.setattr("pipelines.data.available_memory_bytes", lambda: 40_000)
+    monkeypatch.setattr("pipelines.engine.data.available_memory_bytes", lambda: 40_000)
     with pytest.raises(BundleInputError, match="cache_rate"):
         preflight(str(s), role="x", sections=("training",), check_integrity=False, cache_rate=1.0)
 
 
 def test_preflight_reports_integrity_problems(tmp_path):
-    pytest.importorskip("pipelines.check_dataset")
     import numpy as np
 
-    from pipelines.data import save_nifti
+    from pipelines.engine.data import save_nifti
 
     img = save_nifti(np.full((16, 16, 4), -1000, np.int16) + np.arange(4, dtype=np.int16) * 400, np.eye(4), tmp_path / "img.nii.gz")
     lab = save_nifti(np.full((16, 16, 4), 7, np.uint8), np.eye(4), tmp_path / "lab.nii.gz")
@@ -154,7 +155,7 @@ def test_checkpointer_breaks_tumor_dsc_ties_with_organ_dsc(tmp_path):
     """Validations (tumor, organ): (0, .2) -> (0, .7) -> (0, .5) -> (.3, .1): best.pt follows epochs 1, 2, 2, 4."""
     from types import SimpleNamespace
 
-    from pipelines.workflow import TrainCheckpointer
+    from pipelines.engine import TrainCheckpointer
 
     net = torch.nn.Linear(2, 2)
     ckpt = TrainCheckpointer(str(tmp_path), net, key_metric="dsc_tumor", tie_metric="dsc_organ")
@@ -164,7 +165,7 @@ def test_checkpointer_breaks_tumor_dsc_ties_with_organ_dsc(tmp_path):
     for epoch, (tumor, organ) in enumerate([(0.0, 0.2), (0.0, 0.7), (0.0, 0.5), (0.3, 0.1)], start=1):
         trainer.state.epoch = epoch
         ckpt._validated(SimpleNamespace(state=SimpleNamespace(metrics={"dsc_tumor": tumor, "dsc_organ": organ})))
-        best_epochs.append(torch.load(tmp_path / "best.pt", weights_only=False)["best_epoch"])
+        best_epochs.append(load_checkpoint(tmp_path / "best.pt")["best_epoch"])
     assert best_epochs == [1, 2, 2, 4]
     # without a tie metric the first of equal values is kept
     plain = TrainCheckpointer(str(tmp_path / "plain"), net, key_metric="dsc_tumor")

@@ -1,10 +1,10 @@
-"""pipelines.knobs: --help lists a role's knobs, a typo is an error naming the closest knob (issue 11 guard rails)."""
+"""pipelines.engine.knobs: --help lists a role's knobs, a typo is an error naming the closest knob (issue 11 guard rails)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipelines.knobs import check_cli, role_knobs
+from pipelines.engine.knobs import check_cli, role_knobs
 
 MAIN = "/venv/lib/python3.11/site-packages/monai/bundle/__main__.py"
 HLFD = "bundles/hlfd/configs/train.yaml"

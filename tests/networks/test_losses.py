@@ -5,7 +5,7 @@ import pytest
 import torch
 from monai.losses import DiceLoss, FocalLoss
 
-from distill.seg_losses import SegLoss, StructureLoss, structure_loss
+from networks.losses import SegLoss, StructureLoss, structure_loss
 
 
 def np_structure(logits, mask, k):

@@ -188,7 +188,7 @@ def save_executed_config(path: str | os.PathLike, extra: Mapping[str, Any] | Non
         content["_meta_"] = parser.get("_meta_", {})
     if extra:
         content["resolved"] = dict(extra)
-    from pipelines.atomic import atomic_write_json
+    from pipelines.engine.atomic import atomic_write_json
 
     return str(atomic_write_json(path, content, indent=1, default=str))
 
@@ -252,7 +252,7 @@ class TaggedMLFlowHandler(MLFlowHandler):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        from pipelines.workflow import as_bool
+        from pipelines.engine.errors import as_bool
 
         self.run_tags = {str(k): str(v) for k, v in dict(run_tags or {}).items()}
         self.run_id_file = Path(run_id_file) if run_id_file else None
@@ -317,7 +317,7 @@ class TaggedMLFlowHandler(MLFlowHandler):
             return
         run_id = self.cur_run.info.run_id
         if self.record and self.run_id_file is not None and self._recorded_run_id() != run_id:
-            from pipelines.atomic import atomic_write_text
+            from pipelines.engine.atomic import atomic_write_text
 
             atomic_write_text(self.run_id_file, run_id + "\n")
         if self.run_tags and self._tagged != run_id:

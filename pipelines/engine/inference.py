@@ -28,8 +28,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
-from pipelines.atomic import TMP_MARKER, atomic_write
-from pipelines.metrics import case_id, voxel_volume_ml, write_csv_atomic
+from pipelines.engine.atomic import TMP_MARKER, atomic_write
+from pipelines.engine.metrics import case_id, voxel_volume_ml, write_csv_atomic
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -245,7 +245,7 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
 
 
 def convert_dicom(series_dir: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
-    """Convert the DICOM series of a folder to NIfTI with ``python -m pipelines.dicom_to_nifti SRC OUT`` (in process).
+    """Convert the DICOM series of a folder to NIfTI (``pipelines.dicom_to_nifti.convert_dicom``).
 
     Args:
         series_dir: folder holding the DICOM files (any file names).
@@ -255,28 +255,18 @@ def convert_dicom(series_dir: str | os.PathLike, target: str | os.PathLike) -> l
         the NIfTI files written.
 
     Raises:
-        ValueError: the converter is missing or reports an error (its messages are included).
+        ValueError: the conversion fails (the converter's message is included).
     """
-    import contextlib
-    import importlib.util
-    import io
-
-    if importlib.util.find_spec("pipelines.dicom_to_nifti") is None:
-        raise ValueError(f"{series_dir} holds DICOM files but pipelines.dicom_to_nifti is not available; convert to NIfTI first.")
     from pipelines import dicom_to_nifti
 
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    code: Any = 0
-    with contextlib.redirect_stdout(buf):
-        try:
-            ret = dicom_to_nifti.main([str(series_dir), str(target)])
-            code = ret if isinstance(ret, int) else 0
-        except SystemExit as e:
-            code = e.code
-    if code not in (0, None):
-        raise ValueError(f"DICOM conversion of {series_dir} failed: {buf.getvalue().strip() or code}")
+    try:
+        dicom_to_nifti.convert_dicom(series_dir, target)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"DICOM conversion of {series_dir} failed: {e}") from e
+    except OSError as e:  # an output folder that is a file, read-only, or a full disk (no partial file is left)
+        raise ValueError(f"DICOM conversion of {series_dir} failed: cannot write {e.filename or target}: {e.strerror or e}") from e
     written = sorted(p for p in target.rglob("*") if _is_nifti(p))
     if not written:
         raise ValueError(f"DICOM conversion of {series_dir} wrote no NIfTI file.")

@@ -12,7 +12,7 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler, from_engine
 
-from pipelines.metrics import CASE_COLUMNS, BinaryOverlapMetric, CaseMetricsSaver, RegionMetric, case_id
+from pipelines.engine.metrics import CASE_COLUMNS, BinaryOverlapMetric, CaseMetricsSaver, RegionMetric, case_id
 
 
 def np_dsc(p: np.ndarray, g: np.ndarray) -> float:

@@ -24,7 +24,6 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_copy",
-    "atomic_torch_save",
     "same_bytes",
     "remove_stale_temps",
 ]
@@ -143,17 +142,6 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, *, fsync: bool =
         the destination path.
     """
     return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp), fsync=fsync)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike, *, fsync: bool = True) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` (never a half-written checkpoint).
-
-    Returns:
-        the destination path.
-    """
-    import torch
-
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=fsync)
 
 
 def same_bytes(path: str | os.PathLike, data: bytes) -> bool:

@@ -1,4 +1,4 @@
-"""pipelines.data: CacheDataset factory (deterministic head cached, random tail per call), cache memory estimate,
+"""pipelines.engine.data: CacheDataset factory (deterministic head cached, random tail per call), cache memory estimate,
 atomic NIfTI writing."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.transforms import Compose, MapTransform, RandomizableTransform
 
-from pipelines.data import build_dataset, cached_item_bytes, ensure_cache_fits, estimate_cache, save_nifti
+from pipelines.engine.data import build_dataset, cached_item_bytes, ensure_cache_fits, estimate_cache, save_nifti
 from transforms import build_transforms
 
 
@@ -156,7 +156,7 @@ def test_a_truncated_case_is_a_clear_error_while_caching(tmp_path):
     """--check_data false on a truncated volume: the caching error names the file (not a raw EOFError traceback)."""
     import pytest
 
-    from pipelines.data import build_dataset
+    from pipelines.engine.data import build_dataset
     from pipelines.synthesize import synthesize
     from transforms import build_transforms
 

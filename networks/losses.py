@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from monai.losses import DiceFocalLoss, FocalLoss
 from torch import nn
 
-from distill.attention import resize_to
+from networks.blocks import resize_to
 from networks.transfuse import TRANSFUSE_DS_WEIGHTS
 
 __all__ = ["TRANSFUSE_DS_WEIGHTS", "deep_supervision_loss", "SegLoss", "structure_loss", "StructureLoss"]

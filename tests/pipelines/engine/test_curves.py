@@ -1,4 +1,4 @@
-"""pipelines.curves.ValidationHistory: one row per validation, kept across a resumed run."""
+"""pipelines.engine.curves.ValidationHistory: one row per validation, kept across a resumed run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 from ignite.engine import Engine
 
-from pipelines.curves import ValidationHistory, read_history
+from pipelines.engine.curves import ValidationHistory, read_history
 
 
 def _validate(handler, epoch, metrics):

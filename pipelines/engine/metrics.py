@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.handlers import MetricsSaver
+from monai.handlers import IgniteMetricHandler, MetricsSaver, from_engine
 from monai.metrics import CumulativeIterationMetric
 from monai.utils import string_list_all_gather
+
+from pipelines.engine.atomic import atomic_write
 
 __all__ = [
     "REGIONS",
@@ -43,6 +45,9 @@ __all__ = [
     "summarize_cases",
     "write_csv_atomic",
     "case_id",
+    "CT_METRICS",
+    "ct_metric_handlers",
+    "polyp_metric_handlers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -232,8 +237,6 @@ def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Seque
     Raises:
         OSError: the folder cannot be written (no temporary file is left behind).
     """
-    from pipelines.atomic import atomic_write
-
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
@@ -350,3 +353,46 @@ def case_id(filename: str) -> str:
     if name in ("imaging", "image", "img") and p.parent.name:
         return p.parent.name
     return name
+
+
+#: metric handler name -> (RegionMetric kind, region); the first is the key metric (best checkpoint)
+CT_METRICS: dict[str, tuple[str, str]] = {
+    "dsc_tumor": ("dsc", "tumor"),
+    "rvd_tumor": ("rvd", "tumor"),
+    "abs_rvd_tumor": ("abs_rvd", "tumor"),
+    "dsc_organ": ("dsc", "organ"),
+    "rvd_organ": ("rvd", "organ"),
+    "abs_rvd_organ": ("abs_rvd", "organ"),
+    "tumor_ml_pred": ("ml_pred", "tumor"),
+    "tumor_ml_gt": ("ml_gt", "tumor"),
+}
+
+
+def ct_metric_handlers(key: bool, names: Sequence[str] | None = None) -> dict[str, IgniteMetricHandler]:
+    """IgniteMetricHandlers of the per-volume CT metrics (``save_details=True`` for the per-case CSV).
+
+    Args:
+        key: True -> only the key metric ``{"dsc_tumor": ...}``; False -> every other metric.
+        names: metric names to build (default all of ``CT_METRICS``).
+
+    Returns:
+        ``{name: handler}`` for ``SupervisedEvaluator(key_val_metric=..., additional_metrics=...)``.
+    """
+    names = list(names or CT_METRICS)
+    chosen = names[:1] if key else names[1:]
+    return {
+        n: IgniteMetricHandler(
+            metric_fn=RegionMetric(*CT_METRICS[n]), output_transform=from_engine(["pred", "label"]), save_details=True
+        )
+        for n in chosen
+    }
+
+
+def polyp_metric_handlers(key: bool, threshold: float = 0.5) -> dict[str, IgniteMetricHandler]:
+    """Per-image ``mdice`` (key metric) or ``miou`` handlers of the polyp bundle (``save_details=True``)."""
+    name, kind = ("mdice", "dice") if key else ("miou", "iou")
+    return {
+        name: IgniteMetricHandler(
+            metric_fn=BinaryOverlapMetric(kind, threshold), output_transform=from_engine(["pred", "label"]), save_details=True
+        )
+    }

@@ -35,7 +35,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
-from pipelines.atomic import atomic_write, atomic_write_text
+from pipelines.engine.atomic import atomic_write, atomic_write_text
 
 __all__ = [
     "POLYP_DATASETS",
@@ -149,7 +149,7 @@ def write_polyp_splits(
         split["validation"] += val
         split["training"] += train
         counts[name] = {"training": len(train), "validation": len(val), "test": len(test)}
-    split["meta"] = {"created_by": "pipelines.polyp", "seed": int(seed), "val_fraction": val_fraction, "limit": limit, "counts": counts}
+    split["meta"] = {"created_by": "pipelines.engine.polyp", "seed": int(seed), "val_fraction": val_fraction, "limit": limit, "counts": counts}
     out = atomic_write_text(out, json.dumps(split, indent=1))  # the temp file is removed if the write fails
     return str(out)
 
@@ -343,6 +343,6 @@ class MasksCsvWriter:
 
     def __call__(self, engine: Any) -> None:
         """Write the rows recorded so far, sorted by case."""
-        from pipelines.metrics import write_csv_atomic
+        from pipelines.engine.metrics import write_csv_atomic
 
         write_csv_atomic(self.path, ("case", "foreground_fraction", "output"), sorted(self.writer.rows))

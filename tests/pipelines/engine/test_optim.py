@@ -1,4 +1,4 @@
-"""pipelines.optim: warm-up + cosine schedule against the closed form, gradient clipping against a hand norm."""
+"""pipelines.engine.optim: warm-up + cosine schedule against the closed form, gradient clipping against a hand norm."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 
-from pipelines.optim import GradientClipper, build_lr_scheduler
+from pipelines.engine.optim import GradientClipper, build_lr_scheduler
 
 
 def _lrs(epochs, warmup, lr=1e-3, lr_min=1e-6):
@@ -90,7 +90,7 @@ def test_logged_lr_is_the_lr_the_epoch_trained_with():
     """EpochAverager publishes the lr read at EPOCH_STARTED, not the scheduler's next value (issue 11)."""
     from monai.handlers import LrScheduleHandler
 
-    from pipelines.workflow import EpochAverager
+    from pipelines.engine import EpochAverager
 
     net = torch.nn.Conv2d(1, 1, 1)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
@@ -120,7 +120,7 @@ def test_warmup_longer_than_the_run_is_shortened():
 @pytest.mark.parametrize("new_epochs,new_warmup", [(6, 2), (10, 3), (6, 0)])
 def test_fast_forward_puts_a_rebuilt_schedule_at_the_saved_epoch(new_epochs, new_warmup):
     """Resume after 3 epochs of a (6, warm-up 2) run: the lr equals an uninterrupted run of the NEW settings."""
-    from pipelines.optim import fast_forward
+    from pipelines.engine.optim import fast_forward
 
     net = torch.nn.Linear(1, 1)
     old = torch.optim.Adam(net.parameters(), lr=1e-3)

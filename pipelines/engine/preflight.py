@@ -1,0 +1,296 @@
+"""Every check a bundle runs before long work: the dataset (files, integrity, cache memory), the teacher
+checkpoint of KD roles, the free disk of the output folder, the MLflow store; and the KD weights of a method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.engine.checkpoint import checkpoint_bytes, load_torch_file
+from pipelines.engine.errors import BundleInputError, as_bool, optional_knob
+
+__all__ = [
+    "CHECKPOINT_COPIES",
+    "DISK_MARGIN_BYTES",
+    "preflight",
+    "run_check_dataset",
+    "check_free_disk",
+    "check_teacher_checkpoint",
+    "kd_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _teacher_input(state: Mapping[str, torch.Tensor], net_kwargs: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(input channels, spatial dims) of a teacher checkpoint: its ``network`` kwargs, else its first conv weight."""
+    channels, dims = net_kwargs.get("in_channels"), net_kwargs.get("spatial_dims")
+    first_conv = next((w for w in state.values() if isinstance(w, torch.Tensor) and w.ndim in (4, 5)), None)
+    if channels is None and first_conv is not None:
+        channels = int(first_conv.shape[1])
+    if dims is None and first_conv is not None:
+        dims = first_conv.ndim - 2
+    return (int(channels) if channels is not None else None), (int(dims) if dims is not None else None)
+
+
+def check_teacher_checkpoint(
+    path: str | os.PathLike | None,
+    role: str,
+    method: str | None = None,
+    in_channels: Any = None,
+    spatial_dims: Any = None,
+) -> bool:
+    """KD roles: stop unless ``path`` is an existing checkpoint holding trained weights (and trained heads).
+
+    Args:
+        path: the ``--teacher_ckpt`` value.
+        role: the bundle role (for the message).
+        method: the distillation method; when given, the teacher is rebuilt from the checkpoint and every prediction
+            head the method reads must have been trained (``distill.plan.check_trained_heads``: HLFD's UPD reads the
+            UNet++ intermediate heads, which only a teacher trained with deep supervision has trained).
+        in_channels: the student's input channels (``@in_channels``: ``--num_slices`` in 2.5D, 1 in 3D); the teacher
+            reads the same batch, so it must take as many (None: not checked).
+        spatial_dims: the student's ``--spatial_dims`` (None: not checked).
+
+    Returns:
+        True.
+
+    Raises:
+        BundleInputError: no path, a missing file, a file without weights, a checkpoint saved before any epoch, a
+            teacher built for other input channels or spatial dims than the student (naming both), or a teacher
+            whose heads the method reads were never trained.
+    """
+    if not path:
+        raise BundleInputError(
+            f"role {role} distils from a trained teacher: pass --teacher_ckpt <path>, e.g. the best.pt written by "
+            "bundles/unetpp_teacher (runs/unetpp_teacher/checkpoints/best.pt). A freshly built teacher is refused "
+            "(MONAI's DataLoader reseeds torch's RNG, so it could even equal the student)."
+        )
+    p = Path(path)
+    if not p.is_file():
+        raise BundleInputError(f"teacher checkpoint {p} does not exist; train bundles/unetpp_teacher first or fix --teacher_ckpt.")
+    from distill import read_checkpoint
+
+    try:
+        state, net_kwargs = read_checkpoint(p)
+    except ValueError as e:
+        raise BundleInputError(str(e)) from e
+    ckpt = load_torch_file(p, "teacher checkpoint")
+    if isinstance(ckpt, dict) and int(ckpt.get("epoch", 1)) == 0:
+        raise BundleInputError(f"teacher checkpoint {p} was saved before any training epoch (untrained).")
+    t_channels, t_dims = _teacher_input(state, net_kwargs)
+    want_channels, want_dims = optional_knob(in_channels), optional_knob(spatial_dims)
+    want_channels = int(want_channels) if want_channels is not None else None
+    want_dims = int(want_dims) if want_dims is not None else None
+    if (want_channels is not None and t_channels is not None and t_channels != want_channels) or (
+        want_dims is not None and t_dims is not None and t_dims != want_dims
+    ):
+        knobs = f"--spatial_dims {want_dims}" + (f" --num_slices {want_channels}" if want_dims == 2 else "")
+        raise BundleInputError(
+            f"teacher checkpoint {p} was built for {t_channels} input channel(s) ({t_dims}D) but the {role} student "
+            f"takes {want_channels} ({want_dims}D: {knobs}); distil from a teacher trained with the same "
+            "--spatial_dims and --num_slices, or set them to the teacher's."
+        )
+    if method and method != "none":
+        import distill
+        import networks
+        from distill.plan import check_trained_heads
+
+        # which heads were trained follows from the architecture the checkpoint records (deep_supervision), so the
+        # network is built from the kwargs already read, not loaded from the file a third time
+        name = net_kwargs.get("name")
+        if not name:
+            raise BundleInputError(
+                f"teacher checkpoint {p} records no network name; save it as {{'model': state_dict, 'network': "
+                f"{{'name': <one of {', '.join(networks.NETWORKS)}>, **create kwargs}}}} (the bundles do)."
+            )
+        try:
+            teacher = networks.create(name, **{k: v for k, v in net_kwargs.items() if k != "name"})
+            check_trained_heads(teacher, distill.method_class(method).TEACHER_ROLES)
+        except ValueError as e:
+            raise BundleInputError(f"teacher checkpoint {p}: {e}") from e
+    return True
+
+
+def kd_weights(method: str, extra: Mapping[str, Any] | None = None, **knobs: Any) -> dict[str, Any]:
+    """The weights passed to ``distill.create_distiller``: the knobs the method accepts, None meaning its default.
+
+    Args:
+        method: a ``distill.METHODS`` name.
+        extra: method-specific weights (``--kd_weights "{'pair': 5.0}"``); names must be the method's.
+        knobs: the flat bundle knobs (``beta``, ``lam``, ``temperature``, ``p``); unknown to the method -> ignored.
+
+    Returns:
+        ``{name: value}`` with every weight the method takes (defaults filled in).
+
+    Raises:
+        ValueError: an ``extra`` weight the method does not take (listing the valid ones).
+    """
+    import distill
+
+    valid = distill.default_weights(method)
+    bad = sorted(set(extra or {}) - set(valid))
+    if bad:
+        raise ValueError(f"kd_weights {bad} are not weights of {method!r}; valid: {sorted(valid)}.")
+    out = dict(valid)
+    out.update({k: v for k, v in knobs.items() if k in valid and v is not None})
+    out.update(dict(extra or {}))
+    return out
+
+
+def run_check_dataset(splits_file: str | os.PathLike) -> list[str]:
+    """Run ``pipelines.check_dataset.check_dataset`` on a split file; its report lines are logged.
+
+    The lines are those ``python -m pipelines.check_dataset SPLITS`` prints: one per problem, then a verdict line.
+
+    Args:
+        splits_file: the split JSON (every listed image/label is checked).
+
+    Returns:
+        the report lines (warnings included) of a clean dataset.
+
+    Raises:
+        BundleInputError: an error in the dataset (or a split file it cannot read), with every line of the report.
+    """
+    from pipelines.check_dataset import SEVERITIES, check_dataset
+
+    try:
+        problems = check_dataset(splits_file)
+    except (FileNotFoundError, ValueError) as e:
+        lines, failed = [f"ERROR {splits_file}: {e}"], True
+    else:
+        counts = {s: sum(p.severity == s for p in problems) for s in SEVERITIES}
+        failed = bool(counts["error"])
+        verdict = "FAILED" if failed else "OK"
+        lines = [str(p) for p in problems]
+        lines.append(f"{verdict}: {counts['error']} error(s), {counts['warning']} warning(s) in {splits_file}")
+    if failed:
+        report = "\n  ".join(lines)
+        raise BundleInputError(
+            f"dataset integrity check failed (python -m pipelines.check_dataset {splits_file}); fix the data first "
+            f"(or pass --check_data false):\n  {report}"
+        )
+    for ln in lines:
+        logger.info("check_dataset: %s", ln)
+    return lines
+
+
+#: checkpoint copies a training run holds on disk at once: best.pt, last.pt, the temporary file of a write in
+#: progress, and best.pt copied into the MLflow artifact store (sqlite default: inside output_dir)
+CHECKPOINT_COPIES = 4
+#: room for CSVs, the executed config, the split and the MLflow database
+DISK_MARGIN_BYTES = 16 << 20
+
+
+def check_free_disk(output_dir: str | os.PathLike, network: torch.nn.Module | None = None, *, need_bytes: int = 0) -> int:
+    """Stop before long work when ``output_dir``'s filesystem cannot hold the run's checkpoints.
+
+    A run keeps :data:`CHECKPOINT_COPIES` checkpoints on disk at once (best, last, a write in progress, the MLflow
+    artifact copy) plus :data:`DISK_MARGIN_BYTES`; an earlier run's ``best.pt``/``last.pt`` being replaced count as
+    free. (The cache is in memory: :func:`preflight` checks it against RAM.)
+
+    Args:
+        output_dir: the run's output folder (must exist).
+        network: the network to be trained (its checkpoint size is estimated with :func:`checkpoint_bytes`).
+        need_bytes: further bytes the run will write.
+
+    Returns:
+        the bytes needed.
+
+    Raises:
+        BundleInputError: less free space than needed, with both numbers and the folder.
+    """
+    import shutil
+
+    d = Path(output_dir)
+    per_ckpt = checkpoint_bytes(network) if network is not None else 0
+    need = CHECKPOINT_COPIES * per_ckpt + DISK_MARGIN_BYTES + int(need_bytes)
+    try:
+        free = shutil.disk_usage(d).free
+    except OSError as e:
+        logger.warning("cannot read the free space of %s (%s): not checked", d, e)
+        return need
+    replaced = sum(f.stat().st_size for f in (d / "checkpoints" / "last.pt", d / "checkpoints" / "best.pt") if f.is_file())
+    if free + replaced < need:
+        mb = 1 << 20
+        raise BundleInputError(
+            f"not enough free disk space in output_dir {d}: {free / mb:.1f} MB free, the run needs about "
+            f"{need / mb:.1f} MB ({CHECKPOINT_COPIES} checkpoints of {per_ckpt / mb:.1f} MB + {DISK_MARGIN_BYTES / mb:.0f} MB "
+            "for logs and MLflow); free some space or choose another --output_dir."
+        )
+    return need
+
+
+def preflight(
+    splits_file: str,
+    *,
+    role: str,
+    check_integrity: bool = True,
+    sections: Sequence[str] = ("training", "validation"),
+    cache_rate: float = 0.0,
+    in_plane_size: Sequence[int] | None = None,
+    pixdim: Sequence[float] | None = None,
+    teacher_check: Any = True,
+    tracking_uri: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    network: torch.nn.Module | None = None,
+) -> bool:
+    """Every check that must pass before a bundle starts long work.
+
+    Args:
+        splits_file: split JSON (from :func:`resolve_splits`).
+        role: bundle role (for messages).
+        check_integrity: run ``pipelines.check_dataset`` on the listed sections' files first.
+        sections: split sections the run reads.
+        cache_rate: CacheDataset cache rate (memory check).
+        in_plane_size: in-plane size before the cache (memory estimate).
+        pixdim: resampling spacing before the cache (memory estimate).
+        teacher_check: the result of :func:`check_teacher_checkpoint` in KD roles (a config reference, so the
+            teacher is checked before anything else); ignored otherwise.
+        tracking_uri: the MLflow store: a server must answer within seconds, a SQLite file must be a database
+            (``pipelines.engine.tracking.check_tracking_uri``); None skips the check.
+        output_dir: the training output folder: its disk must hold the run's checkpoints (:func:`check_free_disk`);
+            None skips the check.
+        network: the network to be trained (the checkpoint size of the disk check).
+
+    Returns:
+        True (so it can sit in a bundle's expression list).
+
+    Raises:
+        BundleInputError: with every integrity message, or the teacher / memory / disk / tracking-store problem.
+    """
+    in_plane_size, pixdim = optional_knob(in_plane_size), optional_knob(pixdim)
+    if output_dir is not None:
+        check_free_disk(output_dir, network)
+    if tracking_uri:
+        from pipelines.engine.tracking import check_tracking_uri
+
+        try:
+            check_tracking_uri(str(tracking_uri))
+        except ValueError as e:
+            raise BundleInputError(str(e)) from e
+    entries: list[dict] = []
+    data = json.loads(Path(splits_file).read_text())
+    for s in sections:
+        entries.extend(data.get(s) or [])
+    if not entries:
+        raise BundleInputError(f"{splits_file} lists no cases in {list(sections)}; check --dataset_dir.")
+    missing = [str(e[k]) for e in entries for k in ("image", "label") if k in e and not Path(e[k]).exists()]
+    if missing:
+        raise BundleInputError(f"{len(missing)} files listed in {splits_file} do not exist, e.g. {missing[:3]}.")
+    if as_bool(check_integrity):
+        run_check_dataset(splits_file)
+    if cache_rate > 0:
+        from pipelines.engine.data import estimate_cache
+
+        est = estimate_cache(entries, cache_rate, pixdim=pixdim, in_plane_size=in_plane_size)
+        if not est.fits:
+            raise BundleInputError(f"the CacheDataset would not fit in memory: {est.message()} (--cache_rate).")
+    return True

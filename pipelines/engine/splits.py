@@ -1,0 +1,168 @@
+"""Dataset splits: which split JSON a bundle reads (written once into the output folder when the dataset has
+none), the entries of a split section, and the loader batch size in volumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipelines.engine.atomic import same_bytes
+from pipelines.engine.errors import BundleInputError
+from pipelines.engine.output import TrainingOutput
+
+__all__ = ["SPLIT_NAMES", "TASK_PRESETS", "resolve_splits", "load_split", "volumes_per_batch"]
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("training", "validation", "test")
+
+#: task -> datalist preset holding out the paper's test share (KiTS19 168:42, LiTS 131:70)
+TASK_PRESETS = {"kits": "kits19", "lits": "lits"}
+
+
+def resolve_splits(
+    dataset_dir: str | os.PathLike | None,
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    splits_file: str | None = None,
+    task: str | None = "kits",
+    guard: TrainingOutput | None = None,
+) -> str:
+    """Return the split JSON to use, writing one into ``output_dir`` when the dataset has none.
+
+    Order: an explicit ``splits_file``; ``dataset_dir`` itself when it is a ``.json`` file;
+    ``<dataset_dir>/splits.json``; else ``pipelines.datalist`` detects the layout and writes
+    ``<output_dir>/splits.json`` (deterministic for a seed; the task's preset holds out the paper's test share,
+    so training, evaluation and the demo agree on the held-out volumes). Nothing is written into ``dataset_dir``.
+    The split is written once: an identical existing file is kept as it is.
+
+    Args:
+        dataset_dir: the user's data folder (KiTS19, LiTS, nnU-Net/MSD layouts, or a split JSON).
+        output_dir: the bundle's output folder.
+        seed: split seed.
+        splits_file: an explicit split JSON, or None/"".
+        task: ``kits`` or ``lits`` (selects the datalist preset), None for no test hold-out.
+        guard: a training run's :func:`guard_training_output` result (a config reference, so the output folder is
+            claimed before the split is written). When it resumes, the split must be the one the checkpoint was
+            trained on (same SHA-256), and ``<output_dir>/splits.json`` is never rewritten.
+
+    Returns:
+        the path of the split JSON.
+
+    Raises:
+        BundleInputError: no dataset_dir, a missing or unreadable folder, a folder without recognisable data, a
+            ``<output_dir>/splits.json`` not written by ``pipelines.datalist``, or (resuming) a split that differs
+            from the checkpoint's.
+    """
+    path = _resolve_split_path(dataset_dir, output_dir, seed, splits_file, task, guard)
+    if guard is not None and guard.resume and guard.splits_sha256:
+        from pipelines.engine.tracking import file_sha256
+
+        if file_sha256(path) != guard.splits_sha256:
+            raise BundleInputError(
+                f"the split {path} differs from the one {guard.last_path} was trained on (SHA-256 mismatch): resuming "
+                "would mix training and held-out cases. Resume with --splits_file "
+                f"{Path(guard.last_path).parent / 'splits.json'} (the split saved with the checkpoints), or start anew "
+                "with --overwrite true."
+            )
+    return path
+
+
+def _resolve_split_path(
+    dataset_dir: str | os.PathLike | None,
+    output_dir: str | os.PathLike,
+    seed: int,
+    splits_file: str | None,
+    task: str | None,
+    guard: TrainingOutput | None,
+) -> str:
+    if splits_file:
+        if not Path(splits_file).is_file():
+            raise BundleInputError(f"splits_file {splits_file} does not exist.")
+        return str(splits_file)
+    if not dataset_dir:
+        raise BundleInputError("no dataset given: pass --dataset_dir <folder with the CT volumes> (or --splits_file <json>).")
+    d = Path(dataset_dir)
+    if d.is_file() and d.suffix == ".json":
+        return str(d)
+    if not d.is_dir():
+        raise BundleInputError(f"dataset_dir {d} does not exist; pass the folder holding the CT volumes and labels.")
+    if (d / "splits.json").is_file():
+        return str(d / "splits.json")
+    from pipelines import datalist
+
+    out = Path(output_dir) / "splits.json"
+    try:
+        result = datalist.build_datalist(d, seed=int(seed), preset=TASK_PRESETS.get(task or ""))
+    except OSError as e:
+        raise BundleInputError(f"dataset_dir {d}: cannot read {e.filename or d} ({e.strerror or e}).") from e
+    except ValueError as e:
+        raise BundleInputError(f"dataset_dir {d} holds no dataset this product reads: {e}") from e
+    text = datalist.datalist_text(result)
+    if same_bytes(out, text.encode()):
+        logger.info("split %s unchanged (kept as written before)", out)
+        return str(out)
+    if guard is not None and guard.resume and out.exists():
+        raise BundleInputError(
+            f"{out}, the split this run started with, differs from the split computed now from {d} (the dataset "
+            f"changed?): resume with --splits_file {out} to keep it, or start anew with --overwrite true."
+        )
+    try:
+        datalist.save_datalist(result, out)
+    except (ValueError, OSError) as e:
+        raise BundleInputError(f"cannot write the split {out}: {e}") from e
+    return str(out)
+
+
+def load_split(splits_file: str | os.PathLike, section: str | Sequence[str], labelled: bool = True) -> list[dict]:
+    """Entries of one split section (the first usable of ``section`` when a list is given).
+
+    Args:
+        splits_file: splits JSON written by ``pipelines.datalist`` (or by the user).
+        section: a section name, or several tried in order (e.g. ``["test", "validation"]``).
+        labelled: keep only entries with a ``label`` (training, validation and evaluation need one). A section
+            with no labelled entry is skipped: the LiTS preset's ``test`` section holds the 70 unlabelled test
+            volumes, so evaluation falls through to ``validation``.
+
+    Returns:
+        ``[{"image": ..., "label": ...}, ...]``.
+
+    Raises:
+        BundleInputError: every listed section is missing or empty (or has no labelled entry).
+    """
+    data = json.loads(Path(splits_file).read_text())
+    for s in [section] if isinstance(section, str) else list(section):
+        entries = [{k: v for k, v in e.items() if k in ("image", "label")} for e in data.get(s) or []]
+        kept = [e for e in entries if e.get("label")] if labelled else entries
+        if len(kept) < len(entries):
+            logger.warning("%s: %d of %d entries in %r have no label and are left out", splits_file, len(entries) - len(kept), len(entries), s)
+        if kept:
+            return kept
+    what = "labelled entries" if labelled else "entries"
+    raise BundleInputError(f"{splits_file} has no {what} in {section!r}; sections present: {[k for k in data if k != 'meta']}.")
+
+
+def volumes_per_batch(batch_size: int, samples_per_volume: int) -> int:
+    """DataLoader batch size in VOLUMES for a training batch of ``batch_size`` slices/patches.
+
+    Each cached volume yields ``samples_per_volume`` crops that MONAI's ``list_data_collate`` flattens into the batch,
+    so a loader batch of ``v`` volumes trains on ``v * samples_per_volume`` crops. The result is
+    ``max(1, batch_size // samples_per_volume)``; a batch that is not a multiple is rounded down (logged), and
+    ``samples_per_volume > batch_size`` gives batches of ``samples_per_volume`` crops.
+
+    Raises:
+        ValueError: non-positive values.
+    """
+    if int(batch_size) < 1 or int(samples_per_volume) < 1:
+        raise ValueError(f"batch_size and samples_per_volume must be >= 1, got {batch_size} and {samples_per_volume}.")
+    v = max(1, int(batch_size) // int(samples_per_volume))
+    if v * int(samples_per_volume) != int(batch_size):
+        logger.warning(
+            "batch_size %d is not a multiple of samples_per_volume %d: training batches hold %d crops",
+            batch_size, samples_per_volume, v * int(samples_per_volume),
+        )  # fmt: skip
+    return v

@@ -1,0 +1,128 @@
+"""networks.perf: autocast dtype and channels-last selection (CUDA paths simulated), prepare_network, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import networks
+from networks.perf import (
+    amp_kwargs,
+    autocast_dtype,
+    network_spatial_dims,
+    prepare_network,
+    to_memory_format,
+    use_channels_last,
+)
+
+TINY_STUDENT = {"base_width": 4, "decoder_channels": [8, 8, 4, 4, 4]}
+
+
+def _fake_cuda(monkeypatch, bf16: bool) -> None:
+    """Make the selection functions see a CUDA device (nothing runs on it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+
+def test_autocast_auto_is_off_on_cpu_and_explicit_bf16_is_honoured():
+    assert autocast_dtype("cpu", "auto") is None
+    assert autocast_dtype("cpu", True) is None
+    assert autocast_dtype("cpu", "off") is None
+    assert autocast_dtype("cpu", False) is None
+    assert autocast_dtype("cpu", "bf16") is torch.bfloat16
+    assert amp_kwargs("cpu", "auto") == {}
+    assert amp_kwargs("cpu", "bf16") == {"dtype": torch.bfloat16}
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_autocast_auto_on_cuda_picks_bf16_where_supported(monkeypatch, bf16, expected):
+    _fake_cuda(monkeypatch, bf16)
+    assert autocast_dtype("cuda", "auto") is expected
+    assert autocast_dtype(None, "auto") is expected  # None = CUDA when available
+    assert autocast_dtype("cuda", "fp16") is torch.float16
+    assert amp_kwargs("cuda", "auto") == {"dtype": expected}
+
+
+def test_autocast_bad_values():
+    with pytest.raises(ValueError, match="amp_dtype must be one of"):
+        autocast_dtype("cpu", "float8")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        autocast_dtype("cpu", "fp16")
+
+
+def test_cuda_requested_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="is_available"):
+        autocast_dtype("cuda", "auto")
+
+
+def test_channels_last_selection(monkeypatch):
+    assert use_channels_last("cpu", "on") and use_channels_last("cpu", True)
+    assert not use_channels_last("cpu", "off") and not use_channels_last("cpu", False) and not use_channels_last("cpu", None)
+    with pytest.raises(ValueError, match="channels_last must be one of"):
+        use_channels_last("cpu", "yes")
+    _fake_cuda(monkeypatch, True)
+    assert use_channels_last("cuda", "auto")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, shape, fmt",
+    [
+        ("resnet18_student", dict(spatial_dims=2, in_channels=3, **TINY_STUDENT), (2, 3, 32, 32), torch.channels_last),
+        ("unetpp_teacher", dict(spatial_dims=3, in_channels=1, features=[4, 8, 16]), (1, 1, 16, 16, 16), torch.channels_last_3d),
+    ],
+)
+def test_prepare_network_channels_last_keeps_outputs(name, kwargs, shape, fmt):
+    torch.manual_seed(0)
+    ref = networks.create(name, **kwargs).eval()
+    net = networks.create(name, **kwargs).eval()
+    net.load_state_dict(ref.state_dict())
+    params = [id(p) for p in net.parameters()]
+    assert prepare_network(net, channels_last="on", device="cpu") is net
+    assert [id(p) for p in net.parameters()] == params  # an optimizer built before still holds them
+    convs = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    assert convs and all(m.weight.is_contiguous(memory_format=fmt) for m in convs)
+    assert not convs[0].weight.is_contiguous()  # really converted (a 3x3 NCHW weight is not channels-last)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected, got = ref(x), net(to_memory_format(x, True))
+    assert got.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_to_memory_format_leaves_other_ranks():
+    x = torch.randn(2, 3)
+    assert to_memory_format(x, True) is x
+    y = torch.randn(1, 2, 4, 4)
+    assert to_memory_format(y, False) is y
+    assert to_memory_format(y, True).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_spatial_dims_of_mixed_network():
+    mixed = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Conv3d(1, 1, 1))
+    with pytest.raises(ValueError, match="mixes 2D and 3D"):
+        network_spatial_dims(mixed)
+    assert network_spatial_dims(nn.Linear(2, 2)) == 2
+
+
+def test_prepare_network_type_error():
+    with pytest.raises(TypeError, match="nn.Module"):
+        prepare_network("resnet", device="cpu")
+
+
+def test_compile_gives_the_same_outputs_and_plain_state_dict_keys():
+    """compile=True (dynamo + AOT autograd; the aot_eager backend keeps the test fast on CPU: inductor's C++ build
+    of even a tiny network takes over a minute on 2 cores) gives the eager outputs and unprefixed state_dict keys."""
+    if not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported in this environment")
+    torch.manual_seed(0)
+    kwargs = dict(spatial_dims=2, in_channels=3, **TINY_STUDENT)
+    ref = networks.create("resnet18_student", **kwargs).eval()
+    net = networks.create("resnet18_student", **kwargs).eval()
+    net.load_state_dict(ref.state_dict())
+    prepare_network(net, channels_last="off", compile=True, device="cpu", compile_kwargs={"backend": "aot_eager"})
+    assert list(net.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), rtol=1e-5, atol=1e-5)
