@@ -16,10 +16,36 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Randomizable, Transform
 
-__all__ = ["resolve_device", "resolve_rank", "shard", "epoch_seed", "DeviceBatchLoader"]
+__all__ = [
+    "as_plain",
+    "deterministic_head",
+    "resolve_device",
+    "resolve_rank",
+    "shard",
+    "epoch_seed",
+    "DeviceBatchLoader",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def as_plain(x: Any) -> torch.Tensor:
+    """A plain ``torch.Tensor`` view of ``x`` (MetaTensor meta dropped; arrays converted)."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+def deterministic_head(transform: Compose) -> Compose:
+    """The part of ``transform`` that ``CacheDataset`` would cache: up to the first random transform or
+    :class:`~transforms.CacheBoundary` (any callable that is not a MONAI ``Transform``)."""
+    ops = []
+    for op in transform.transforms:
+        if isinstance(op, Randomizable) or not isinstance(op, Transform):
+            break
+        ops.append(op)
+    return Compose(ops)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -101,7 +127,11 @@ class DeviceBatchLoader:
         rank: int = 0,
         device: str | torch.device | None = None,
     ) -> None:
-        for name, value in (("num_items", num_items), ("items_per_epoch", items_per_epoch), ("items_per_batch", items_per_batch)):
+        for name, value in (
+            ("num_items", num_items),
+            ("items_per_epoch", items_per_epoch),
+            ("items_per_batch", items_per_batch),
+        ):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if epoch_length is not None and int(epoch_length) < 1:
@@ -109,7 +139,9 @@ class DeviceBatchLoader:
         self.num_items = int(num_items)
         self.items_per_batch = int(items_per_batch)
         self.fixed_length = epoch_length is not None
-        self.epoch_length = int(epoch_length) if epoch_length is not None else math.ceil(int(items_per_epoch) / self.items_per_batch)
+        self.epoch_length = (
+            int(epoch_length) if epoch_length is not None else math.ceil(int(items_per_epoch) / self.items_per_batch)
+        )
         self.items_per_epoch = self.epoch_length * self.items_per_batch if self.fixed_length else int(items_per_epoch)
         self.seed, self.rank = int(seed), int(rank)
         self.device = resolve_device(device)

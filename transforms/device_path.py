@@ -37,12 +37,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Compose, Randomizable
+from monai.transforms import Compose
 
 from transforms.device_augment import BatchRotateFlip
-from transforms.device_loader import DeviceBatchLoader, resolve_device, resolve_rank, shard
-from transforms.pipeline import CacheBoundary, build_transforms
+from transforms.device_loader import (
+    DeviceBatchLoader,
+    as_plain,
+    deterministic_head,
+    resolve_device,
+    resolve_rank,
+    shard,
+)
+from transforms.pipeline import build_transforms
 from transforms.sampling import MAX_INDICES_PER_CLASS, class_ratios
 from transforms.stack import check_num_slices
 
@@ -50,7 +56,6 @@ __all__ = [
     "DATA_PATHS",
     "IMAGE_DTYPES",
     "resolve_data_path",
-    "deterministic_head",
     "class_slice_indices",
     "VolumeCache",
     "cache_volumes",
@@ -89,18 +94,9 @@ def resolve_data_path(data_path: str, spatial_dims: int, device: str | torch.dev
     return data_path
 
 
-def deterministic_head(transform: Compose) -> Compose:
-    """The part of ``transform`` that ``CacheDataset`` would cache: up to the first random transform or
-    :class:`~transforms.CacheBoundary`."""
-    ops = []
-    for op in transform.transforms:
-        if isinstance(op, (Randomizable, CacheBoundary)):
-            break
-        ops.append(op)
-    return Compose(ops)
-
-
-def class_slice_indices(label: torch.Tensor, num_classes: int, max_per_class: int | None = MAX_INDICES_PER_CLASS) -> list[torch.Tensor]:
+def class_slice_indices(
+    label: torch.Tensor, num_classes: int, max_per_class: int | None = MAX_INDICES_PER_CLASS
+) -> list[torch.Tensor]:
     """Slice index of every voxel of each class of a (D, H, W) label, subsampled like ``ClassesToIndicesd``.
 
     The voxels of class c, in raster order of (D, H, W), are subsampled to ``max_per_class`` evenly spaced ones
@@ -125,7 +121,9 @@ def class_slice_indices(label: torch.Tensor, num_classes: int, max_per_class: in
             out.append(torch.zeros(0, dtype=torch.long, device=label.device))
             continue
         if max_per_class is not None and n > int(max_per_class) and n > 1:
-            voxel = torch.linspace(0, n - 1, int(max_per_class), dtype=torch.float64, device=label.device).round().long()
+            voxel = (
+                torch.linspace(0, n - 1, int(max_per_class), dtype=torch.float64, device=label.device).round().long()
+            )
         else:
             voxel = torch.arange(n, device=label.device)
         out.append(torch.searchsorted(cum[c], voxel, right=True))
@@ -180,24 +178,29 @@ class VolumeCache:
         return x.float()
 
 
-def _plain(x: Any) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-
-
 def _prepare(
-    item: Mapping[str, Any], head: Compose, image_dtype: torch.dtype, output_range: tuple[float, float], num_classes: int, max_per_class: int | None
+    item: Mapping[str, Any],
+    head: Compose,
+    image_dtype: torch.dtype,
+    output_range: tuple[float, float],
+    num_classes: int,
+    max_per_class: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], str]:
     """One datalist item -> compact (D, H, W) image and label on the CPU, and its class slice lists."""
     d = head(dict(item))
-    image, label = _plain(d["image"]), _plain(d["label"])
+    image, label = as_plain(d["image"]), as_plain(d["label"])
     name = str(item.get("image", "?"))
     if image.ndim != 4 or image.shape[0] != 1 or label.shape != image.shape:
-        raise ValueError(f"{name}: expected (1, H, W, D) image and label after preprocessing, got {tuple(image.shape)} and {tuple(label.shape)}")
+        raise ValueError(
+            f"{name}: expected (1, H, W, D) image and label after preprocessing, got {tuple(image.shape)} and {tuple(label.shape)}"
+        )
     label = label[0].permute(2, 0, 1)
     if label.is_floating_point() and not torch.equal(label, label.round()):
         raise ValueError(f"{name}: the label holds non-integer values; labels are class indices")
     if label.numel() and (label.min() < 0 or label.max() > 255):
-        raise ValueError(f"{name}: label values must be within [0, 255] to be cached as uint8, got {float(label.min())}..{float(label.max())}")
+        raise ValueError(
+            f"{name}: label values must be within [0, 255] to be cached as uint8, got {float(label.min())}..{float(label.max())}"
+        )
     label = label.to(torch.uint8).contiguous()
     image = image[0].permute(2, 0, 1)
     if image_dtype == torch.uint8:
@@ -262,7 +265,9 @@ def cache_volumes(
         prepared = [prepare(item) for item in datalist]
     shapes = {tuple(p[0].shape[1:]) for p in prepared}
     if len(shapes) > 1:
-        raise ValueError(f"volumes have different in-plane sizes {sorted(shapes)}; set in_plane_size to batch their slices")
+        raise ValueError(
+            f"volumes have different in-plane sizes {sorted(shapes)}; set in_plane_size to batch their slices"
+        )
     depths = torch.tensor([p[0].shape[0] for p in prepared], dtype=torch.long)
     starts = torch.cumsum(depths, 0) - depths
     images = torch.empty((int(depths.sum()), *shapes.pop()), dtype=dtype, device=dev)
@@ -339,7 +344,9 @@ class DeviceSlabLoader(DeviceBatchLoader):
         rank: int = 0,
     ) -> None:
         if int(batch_size) < 1 or int(samples_per_volume) < 1:
-            raise ValueError(f"batch_size and samples_per_volume must be >= 1, got {batch_size} and {samples_per_volume}")
+            raise ValueError(
+                f"batch_size and samples_per_volume must be >= 1, got {batch_size} and {samples_per_volume}"
+            )
         self.k = check_num_slices(num_slices)
         self.samples_per_volume = int(samples_per_volume)
         super().__init__(
@@ -359,12 +366,17 @@ class DeviceSlabLoader(DeviceBatchLoader):
         probs = ratios * present
         empty = probs.sum(1) == 0  # every wanted class absent: fall back to the present classes, uniformly
         if bool(empty.any()):
-            logger.warning("%d volume(s) hold none of the classes sampled with a positive share; their slabs are centred on any class present", int(empty.sum()))
+            logger.warning(
+                "%d volume(s) hold none of the classes sampled with a positive share; their slabs are centred on any class present",
+                int(empty.sum()),
+            )
             probs[empty] = present[empty]
         self.class_probs = (probs / probs.sum(1, keepdim=True)).float()
         self.offsets = torch.arange(self.k, device=self.device) - self.k // 2
 
-    def sample(self, volume_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(
+        self, volume_ids: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw one slab per entry of ``volume_ids`` (before augmentation).
 
         Args:
@@ -456,7 +468,12 @@ def build_device_train_loader(
     rank, world_size = resolve_rank(rank, world_size)
     local, per_epoch = shard(list(datalist), rank, world_size)
     cache = cache_volumes(
-        local, dict(preprocessing, num_slices=k), device=device, image_dtype=image_dtype, num_classes=num_classes, num_workers=num_workers
+        local,
+        dict(preprocessing, num_slices=k),
+        device=device,
+        image_dtype=image_dtype,
+        num_classes=num_classes,
+        num_workers=num_workers,
     )
     return DeviceSlabLoader(
         cache,
@@ -471,4 +488,3 @@ def build_device_train_loader(
         seed=seed,
         rank=rank,
     )
-

@@ -48,7 +48,9 @@ def test_rotation_matches_scipy_affine_transform_per_sample():
         rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
         for ch in range(2):
             # input index = R (output index - c) + c; 'nearest' extension = grid_sample's border padding
-            ref = ndimage.affine_transform(image[b, ch].double().numpy(), rot, offset=c - rot @ c, order=1, mode="nearest")
+            ref = ndimage.affine_transform(
+                image[b, ch].double().numpy(), rot, offset=c - rot @ c, order=1, mode="nearest"
+            )
             np.testing.assert_allclose(out[b, ch].numpy(), ref, atol=1e-5)
 
 

@@ -82,7 +82,9 @@ def test_cache_holds_compact_volumes_and_class_slices(cohort, cache):
         rows = cache.images[cache.starts[v] : cache.starts[v] + d, 5, 7].float().numpy()
         np.testing.assert_allclose(rows, _windowed(v, range(d)), atol=1e-3)
         lab = _label(v)
-        np.testing.assert_array_equal(cache.labels[cache.starts[v] : cache.starts[v] + d].numpy(), lab.transpose(2, 0, 1))
+        np.testing.assert_array_equal(
+            cache.labels[cache.starts[v] : cache.starts[v] + d].numpy(), lab.transpose(2, 0, 1)
+        )
         for c in range(3):
             n = int((lab == c).sum())
             assert int(cache.class_counts[v, c]) == min(n, 10_000)
@@ -154,7 +156,12 @@ def test_class_shares_over_many_draws(cache):
                 continue
             expected = _expected_share(v, slices, [0.25, 0.25, 0.5])
             observed = np.isin(z.numpy(), slices).mean()
-            assert abs(observed - expected) < 4 * np.sqrt(expected * (1 - expected) / n) + 1e-9, (v, slices, observed, expected)
+            assert abs(observed - expected) < 4 * np.sqrt(expected * (1 - expected) / n) + 1e-9, (
+                v,
+                slices,
+                observed,
+                expected,
+            )
     _, _, z = loader.sample(torch.full((n,), 2), g)
     assert abs(np.isin(z.numpy(), ORGAN[2]).mean() - _expected_share(2, ORGAN[2], [0.25, 0.25, 0.5])) < 0.04
 
@@ -192,7 +199,9 @@ def test_same_seed_same_batches_other_seed_or_epoch_differs(cache, cohort):
 
 def test_ddp_shards_are_disjoint_and_ranks_run_the_same_steps(cohort):
     loaders = [
-        build_device_train_loader(cohort, PRE, batch_size=4, samples_per_volume=2, device="cpu", seed=0, rank=r, world_size=2)
+        build_device_train_loader(
+            cohort, PRE, batch_size=4, samples_per_volume=2, device="cpu", seed=0, rank=r, world_size=2
+        )
         for r in (0, 1)
     ]
     for r, loader in enumerate(loaders):
