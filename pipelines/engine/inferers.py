@@ -1,16 +1,114 @@
-"""The inferers of the bundles: whole-volume (2.5D slice-by-slice or 3D sliding window) and training-time."""
+"""The inferers of the bundles: whole-volume (2.5D batched slices or 3D sliding window) and training-time."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from monai.inferers import Inferer, SimpleInferer, SliceInferer, SlidingWindowInferer
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
+from monai.utils import convert_to_dst_type
 
-__all__ = ["make_inferer", "simple_inferer"]
+from transforms.stack import check_num_slices
+
+__all__ = ["SliceBatchInferer", "slab_indices", "make_inferer", "simple_inferer"]
+
+
+def slab_indices(depth: int, num_slices: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Input slice of every (axial slice, channel) pair of the 2.5D stacking, edge slices replicated.
+
+    Entry ``[z, i]`` is ``clamp(z - k // 2 + i, 0, depth - 1)``: the rule of :func:`transforms.stack_slices`.
+
+    Args:
+        depth: slices of the volume (>= 1).
+        num_slices: k in (1, 3, 5, 7).
+        device: where the index tensor lives.
+
+    Returns:
+        ``(depth, k)`` long tensor.
+
+    Raises:
+        ValueError: bad k or ``depth < 1``.
+    """
+    k = check_num_slices(num_slices)
+    if int(depth) < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}.")
+    z = torch.arange(int(depth), device=device)
+    return (z[:, None] + torch.arange(k, device=device) - k // 2).clamp(0, int(depth) - 1)
+
+
+class SliceBatchInferer(Inferer):
+    """2.5D whole-volume inference: all axial slices of the batch through the network, ``sw_batch_size`` at a time.
+
+    Replaces MONAI's ``SliceInferer(roi_size=(-1, -1), spatial_dim=2)``, whose sliding-window machinery crops,
+    concatenates and re-assembles every slice in Python (with an importance map and a count map). Here the
+    slices of a chunk are one index gather on the device, one network call, and one indexed write into the
+    preallocated output; the Python loop runs over chunks only. The result equals the per-slice one.
+
+    Input, either
+    - stacked ``(B, k, H, W, D)`` (the bundles' ``val``/``infer`` transforms stack the k neighbours as channels), or
+    - unstacked ``(B, 1, H, W, D)`` with ``num_slices=k > 1``: the slabs are gathered here, per chunk, with edge
+      replication (:func:`slab_indices`), so the k-fold stacked volume is never materialised.
+
+    Output: ``(B, classes, H', W', D)`` (``H', W'`` as the network returns them), a ``MetaTensor`` carrying the
+    input's meta when the input is one (as ``SliceInferer``).
+
+    Args:
+        sw_batch_size: slices per network call (>= 1).
+        num_slices: k for unstacked single-channel input (None or 1: the input channels are the network's).
+
+    Raises:
+        ValueError: ``sw_batch_size < 1`` or a bad ``num_slices`` (construction); input that is not 5D or empty, or
+            an unstacked input with more than one channel (call).
+        TypeError: a network output that is not a tensor (call).
+    """
+
+    def __init__(self, sw_batch_size: int = 16, num_slices: int | None = None) -> None:
+        super().__init__()
+        if int(sw_batch_size) < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}.")
+        self.sw_batch_size = int(sw_batch_size)
+        self.num_slices = None if num_slices is None else check_num_slices(num_slices)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Predict every slice of ``inputs`` (see the class); extra arguments go to the network."""
+        if inputs.ndim != 5:
+            raise ValueError(f"SliceBatchInferer expects (B, C, H, W, D) volumes, got shape {tuple(inputs.shape)}.")
+        x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        b, c, _, _, depth = x.shape
+        if b * depth == 0:
+            raise ValueError(f"SliceBatchInferer got an empty batch or volume, shape {tuple(inputs.shape)}.")
+        gather = self.num_slices is not None and self.num_slices > 1
+        if gather and c != 1:
+            raise ValueError(
+                f"num_slices={self.num_slices} gathers slabs from a single-channel volume; got {c} channels "
+                "(already stacked input: num_slices=None)."
+            )
+        slabs = slab_indices(depth, self.num_slices, x.device) if gather else None
+        flat = torch.arange(b * depth, device=x.device)
+        out: torch.Tensor | None = None
+        for chunk in flat.split(self.sw_batch_size):
+            vol, z = chunk // depth, chunk % depth
+            if gather:
+                # advanced indices split by slices: their broadcast shape (n, k) comes first -> (n, k, H, W)
+                batch = x[vol[:, None], 0, :, :, slabs[z]]
+            else:
+                batch = x[vol, :, :, :, z]  # (n, C, H, W)
+            pred = network(batch, *args, **kwargs)
+            if not isinstance(pred, torch.Tensor):
+                raise TypeError(
+                    f"SliceBatchInferer needs a network returning one tensor (eval mode), got {type(pred).__name__}."
+                )
+            pred = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
+            if out is None:
+                out = pred.new_empty((b, pred.shape[1], *pred.shape[2:], depth))
+            out[vol, :, :, :, z] = pred
+        return convert_to_dst_type(out, inputs, dtype=out.dtype)[0] if isinstance(inputs, MetaTensor) else out
 
 
 def make_inferer(spatial_dims: int, roi_size: Sequence[int] | None = None, sw_batch_size: int = 8, overlap: float = 0.25) -> Inferer:
-    """Whole-volume inferer: 2.5D ``SliceInferer`` over the last (axial) axis, or 3D ``SlidingWindowInferer``.
+    """Whole-volume inferer: 2.5D :class:`SliceBatchInferer` over the last (axial) axis, or 3D ``SlidingWindowInferer``.
 
     Args:
         spatial_dims: 2 (the network sees (k, H, W) slices; every slice of the volume is predicted) or 3.
@@ -25,7 +123,7 @@ def make_inferer(spatial_dims: int, roi_size: Sequence[int] | None = None, sw_ba
         ValueError: spatial_dims not 2 or 3.
     """
     if spatial_dims == 2:
-        return SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=sw_batch_size, progress=False)
+        return SliceBatchInferer(sw_batch_size=sw_batch_size)
     if spatial_dims == 3:
         if roi_size is None or len(roi_size) != 3:
             raise ValueError(f"3D inference needs roi_size (h, w, d), got {roi_size!r}.")
