@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,12 +31,27 @@ TINY_WIDTHS = {
 }
 
 
+#: working folder of the bundle runs: OUTSIDE the repository, so every bundle test also checks that the composed
+#: configs run from any folder (they name no other file)
+RUN_CWD = Path(tempfile.mkdtemp(prefix="ctdistill_bundle_cwd_"))
+
+
 def run_bundle(run_id: str, config: str | list[str], *args: str, expect_ok: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run <run_id> --config_file <config> <args>`` from the repo root (2 threads)."""
-    cfg = config if isinstance(config, str) else "[" + ",".join(f"'{c}'" for c in config) + "]"
+    """``python -m monai.bundle run <run_id> --config_file <config> <args>`` from a folder outside the repo.
+
+    Args:
+        run_id: the bundle entry (training, evaluating, inferring).
+        config: one config path relative to the repository root (or a list of them, merged in order).
+        args: further command-line overrides.
+        expect_ok: raise with the output's tail when the command fails.
+        timeout: seconds.
+    """
+    paths = [config] if isinstance(config, str) else list(config)
+    absolute = [str(REPO / c) for c in paths]
+    cfg = absolute[0] if isinstance(config, str) else "[" + ",".join(f"'{c}'" for c in absolute) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", cfg, *args]
     env = subprocess_env()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=RUN_CWD, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_ok and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
