@@ -319,9 +319,15 @@ def test_failed_write_leaves_no_temp_file_and_keeps_the_old_file(writer, tmp_pat
         elif writer == "json":
             atomic.atomic_write_json(target, {"unserialisable": object()})  # fails before any file is made
         elif writer == "csv":
+            import pipelines.engine.metrics as metrics
+
+            monkeypatch.setattr(metrics, "atomic_write", failing)
             write_csv_atomic(target, ["a"], [[1]])
         elif writer == "torch":
-            atomic.atomic_torch_save({"x": torch.ones(1)}, target)
+            import pipelines.engine.checkpoint as checkpoint
+
+            monkeypatch.setattr(checkpoint, "atomic_write", failing)
+            checkpoint.atomic_torch_save({"x": torch.ones(1)}, target)
         else:
             import pipelines.engine.inference as infer
 
@@ -346,7 +352,7 @@ def test_training_bundle_refuses_an_earlier_run_before_any_work(cohort, tmp_path
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0 and str(last) in log and "--overwrite true" in log, log[-3000:]
     assert {k: v for k, v in snapshot(out).items() if not k.endswith("/.lock")} == before
-    assert not (out / "splits.json").exists() and not (out / "mlruns.db").exists()
+    assert not (out / "splits.json").exists() and not (out.parent / "mlruns.db").exists()
 
 
 def test_training_bundle_refuses_a_folder_another_run_holds(cohort, tmp_path):
