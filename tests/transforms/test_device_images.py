@@ -8,6 +8,7 @@ import pytest
 import torch
 from monai.transforms import Compose, EnsureTyped, RandFlipd, Resize, Resized
 
+from tests.transforms.wiring import wired_parser
 from transforms.device_images import DeviceImageLoader, build_device_image_loader, cache_images
 
 N, S = 7, 16
@@ -86,3 +87,58 @@ def test_random_pipelines_and_bad_shapes_are_refused():
         )
     with pytest.raises(ValueError, match="float16"):
         cache_images(_items(), PIPE, device="cpu", image_dtype="uint8")
+
+
+# ---------------------------------------------------------------------- the polyp bundle's wiring (YAML for the lead)
+POLYP_WIRING = """
+use_device_path: "$transforms.resolve_data_path(@data_path, 2, @device) == 'device'"
+train_dataset: "$None if @use_device_path else pipelines.engine.build_dataset(pipelines.engine.load_split(@splits, 'training'), @train_transforms, cache_rate=@cache_rate, num_workers=@num_workers)"
+train_loader: "$transforms.build_device_image_loader(pipelines.engine.load_split(@splits, 'training'), @train_transforms, batch_size=@batch_size, device=@device, seed=@seed) if @use_device_path else monai.data.ThreadDataLoader(@train_dataset, batch_size=@batch_size, shuffle=@train_sampler is None, sampler=@train_sampler, num_workers=@num_workers)"
+data_handlers: "$[@train_loader] if @use_device_path else []"
+"""
+
+
+def test_polyp_wiring_and_multiscale_training_on_device_batches(tmp_path):
+    from monai.data import ThreadDataLoader
+    from monai.engines import SupervisedTrainer
+    from PIL import Image
+
+    from pipelines.engine import MultiScaleIteration
+
+    items = []
+    for i in range(5):
+        img, mask = tmp_path / f"{i}.jpg", tmp_path / f"{i}_m.png"
+        Image.fromarray(np.full((40, 48, 3), 40 * i, np.uint8)).save(img)
+        m = np.zeros((40, 48), np.uint8)
+        m[5:20, 10 : 10 + 5 * i] = 255
+        Image.fromarray(m).save(mask)
+        items.append({"image": str(img), "label": str(mask)})
+    loaders = {}
+    for data_path in ("device", "loader"):
+        train_transforms = "$pipelines.engine.polyp_transforms('train', 32)"
+        parser = wired_parser(
+            tmp_path, items, POLYP_WIRING, data_path=data_path, batch_size=2, train_transforms=train_transforms
+        )
+        loaders[data_path] = parser.get_parsed_content("train_loader")
+    device, old = loaders["device"], loaders["loader"]
+    assert isinstance(device, DeviceImageLoader) and isinstance(old, ThreadDataLoader)
+    assert len(device) == len(old) == 3
+    # the cached tensors equal the loader path's preprocessing (float16 rounding)
+    ref = next(iter(ThreadDataLoader(old.dataset, batch_size=5, shuffle=False)))
+    np.testing.assert_allclose(device.images.float().numpy(), ref["image"].numpy(), atol=2e-3)
+    np.testing.assert_array_equal(device.labels.float().numpy(), ref["label"].numpy())
+
+    net = torch.nn.Conv2d(3, 1, 3, padding=1)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=device,
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-3),
+        loss_function=torch.nn.BCEWithLogitsLoss(),
+        iteration_update=MultiScaleIteration(rates=(0.75, 1.0, 1.25), grad_clip=0.5),
+        decollate=False,
+    )
+    device.attach(trainer)
+    trainer.run()
+    assert trainer.state.iteration == 3 and torch.isfinite(trainer.state.output["loss"])

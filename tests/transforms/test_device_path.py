@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.transforms.wiring import wired_parser
 from transforms.device_loader import DeviceBatchLoader, epoch_seed, shard
 from transforms.device_path import (
     DeviceSlabLoader,
@@ -260,3 +261,47 @@ def test_data_path_selection_and_validation(cohort):
         cache_volumes(cohort, dict(PRE, spatial_dims=3), device="cpu")
     with pytest.raises(ValueError, match="items_per_batch"):
         DeviceBatchLoader(3, 3, 0)
+
+
+# ------------------------------------------------------------------------------------- bundle wiring (the YAML the
+# base train config receives; the test parses exactly these sections with MONAI's ConfigParser)
+WIRING = """
+use_device_path: "$transforms.resolve_data_path(@data_path, @spatial_dims, @device) == 'device'"
+train_dataset: "$None if @use_device_path else pipelines.engine.build_dataset(pipelines.engine.load_split(@splits, 'training'), @train_transforms, cache_rate=@cache_rate, num_workers=@num_workers)"
+train_loader: "$transforms.build_device_train_loader(pipelines.engine.load_split(@splits, 'training'), @preprocessing, batch_size=@batch_size, samples_per_volume=@samples_per_volume, tumor_share=@tumor_share, device=@device, seed=@seed) if @use_device_path else monai.data.ThreadDataLoader(@train_dataset, batch_size=pipelines.engine.volumes_per_batch(@batch_size, @samples_per_volume), shuffle=@train_sampler is None, sampler=@train_sampler, num_workers=@num_workers)"
+data_handlers: "$[@train_loader] if @use_device_path else []"
+"""
+# multi_gpu_train.yaml: no DistributedSampler over a dataset the device path never builds
+WIRING_DDP = """
+train_sampler: "$None if @use_device_path else monai.data.DistributedSampler(@train_dataset, even_divisible=True, shuffle=True)"
+"""
+
+
+def _wired_config(cohort, tmp_path, data_path: str, ddp: bool = False):
+    knobs = dict(data_path=data_path, spatial_dims=2, num_slices=5, batch_size=8, samples_per_volume=4, tumor_share=0.5)
+    knobs["preprocessing"] = dict(PRE, spatial_dims="@spatial_dims", num_slices="@num_slices")
+    knobs["train_transforms"] = (
+        "$transforms.build_transforms('train', num_samples=@samples_per_volume, tumor_share=@tumor_share, **@preprocessing)"
+    )
+    return wired_parser(tmp_path, cohort, WIRING, *([WIRING_DDP] if ddp else []), **knobs)
+
+
+def test_bundle_wiring_builds_the_device_path_without_the_cache_dataset(cohort, tmp_path):
+    from monai.data import ThreadDataLoader
+
+    device = _wired_config(cohort, tmp_path, "device")
+    loader = device.get_parsed_content("train_loader")
+    assert isinstance(loader, DeviceSlabLoader) and device.get_parsed_content("train_dataset") is None
+    assert device.get_parsed_content("data_handlers") == [loader]
+    loader_path = _wired_config(cohort, tmp_path, "loader")
+    old = loader_path.get_parsed_content("train_loader")
+    assert isinstance(old, ThreadDataLoader) and loader_path.get_parsed_content("data_handlers") == []
+    assert len(loader) == len(old) == 3  # the same steps per epoch for the same knobs
+    batch = next(iter(old))
+    assert batch["image"].shape == next(iter(loader))["image"].shape == (8, 5, H, W)
+    auto_on_cpu = _wired_config(cohort, tmp_path, "auto")
+    assert isinstance(auto_on_cpu.get_parsed_content("train_loader"), ThreadDataLoader)
+    ddp = _wired_config(cohort, tmp_path, "device", ddp=True)
+    assert ddp.get_parsed_content("train_sampler") is None and isinstance(
+        ddp.get_parsed_content("train_loader"), DeviceSlabLoader
+    )
