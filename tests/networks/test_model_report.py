@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import networks
 from pipelines.model_report import main, model_report
+
+TINY_TRANSFUSE = {
+    "embed_dim": 16, "depth": 1, "num_heads": 2, "cnn_widths": [4, 8, 16], "cnn_layers": [1, 1, 1],
+    "decoder_channels": [8, 4], "head_channels": 4,
+}  # fmt: skip
 
 
 def _conv_flops(cin, cout, k, numel_out):
@@ -67,8 +73,28 @@ def test_cli_writes_json(tmp_path, capsys):
         ["resnet18_student", "--parallel-streams"],
         ["unetpp_teacher", "--runs", "0"],
         ["unetpp_teacher", "--threads", "0"],
+        ["unetpp_teacher", "--cuda-graphs"],  # CPU
+        ["unetpp_teacher", "--compile", "fast"],
     ],
 )
 def test_cli_errors(argv):
     with pytest.raises(SystemExit):
         main(argv)
+
+
+def test_cuda_graphs_need_cuda():
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        model_report("unetpp_teacher", size=(32, 32), runs=1, warmup=0, cuda_graphs=True)
+
+
+def test_fast_inference_knobs_keep_the_flops_and_are_recorded():
+    """TransFuse batch 1, channels-last and compiled (aot_eager backend: inductor's C++ build takes minutes on 2
+    cores): FLOPs are those of the plain eager network; the modes are recorded."""
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported in this environment")
+    kw = dict(size=(64, 64), channels=3, runs=1, warmup=1, network_kwargs=TINY_TRANSFUSE)
+    plain = model_report("transfuse_s", **kw)
+    fast = model_report("transfuse_s", **kw, channels_last=True, compile_kwargs={"backend": "aot_eager"})
+    assert fast["flops"] == plain["flops"] > 0
+    assert fast["compile"] == {"backend": "aot_eager"} and fast["channels_last"] and not fast["cuda_graphs"]
+    assert plain["compile"] is None and plain["amp_dtype"] is None and fast["images_per_s"] > 0
