@@ -9,7 +9,8 @@ The bundles write ``$import pipelines.engine`` once and reference ``pipelines.en
 - ``preflight``: the checks before long work (dataset, teacher checkpoint, disk, MLflow store)
 - ``errors``: ``BundleInputError`` and the knob parsers ``as_bool`` / ``optional_knob``
 - ``inferers``, ``metrics`` (per-volume metrics, CSV reports, metric handlers), ``handlers`` (ignite handlers),
-  ``optim`` (lr schedule, gradient clipping), ``curves`` (validation history), ``data`` (CacheDataset, memory
+  ``optim`` (lr schedule, gradient clipping), ``curves`` (validation history), ``pictures`` (case overlays,
+  training curves, per-case plot), ``progress`` (evaluation/inference progress bars), ``data`` (CacheDataset, memory
   estimate, NIfTI writer), ``atomic`` (atomic file writes), ``tracking`` (MLflow), ``knobs`` (bundle ``--help`` and
   unknown-knob guard), ``inference`` (input discovery, label-map writer), ``polyp`` (the polyp bundle's data pieces)
 
@@ -29,9 +30,11 @@ from pipelines.engine.atomic import (
     same_bytes,
 )
 from pipelines.engine.checkpoint import (
+    RUN_ID_FILE,
     TrainCheckpointer,
     atomic_torch_save,
     checkpoint_bytes,
+    checkpoint_run_id,
     checkpoint_settings,
     load_checkpoint,
     load_torch_file,
@@ -115,6 +118,15 @@ from pipelines.engine.output import (
     guard_training_output,
     release_output_dir,
 )
+from pipelines.engine.pictures import (
+    CasePictures,
+    CurvePictures,
+    draw_case_metrics,
+    draw_curves,
+    draw_overlays,
+    largest_tumor_slice,
+    select_cases,
+)
 from pipelines.engine.polyp import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -139,6 +151,10 @@ from pipelines.engine.preflight import (
     preflight,
     run_check_dataset,
 )
+from pipelines.engine.progress import (
+    Progress,
+    progress_enabled,
+)
 from pipelines.engine.splits import (
     SPLIT_NAMES,
     TASK_PRESETS,
@@ -152,7 +168,11 @@ from pipelines.engine.tracking import (
     default_tracking_uri,
     file_sha256,
     find_runs,
+    git_commit,
     kd_params,
+    log_checkpoint_model,
+    model_input_shape,
+    run_id_of_checkpoint,
     run_params,
     save_executed_config,
     unique_run_name,
@@ -175,6 +195,8 @@ __all__ = [
     "load_torch_file",
     "load_checkpoint",
     "checkpoint_settings",
+    "checkpoint_run_id",
+    "RUN_ID_FILE",
     "network_from_checkpoint",
     "sidecar",
     "checkpoint_bytes",
@@ -220,6 +242,15 @@ __all__ = [
     "GradientClipper",
     "ValidationHistory",
     "read_history",
+    "CasePictures",
+    "CurvePictures",
+    "select_cases",
+    "largest_tumor_slice",
+    "draw_overlays",
+    "draw_case_metrics",
+    "draw_curves",
+    "Progress",
+    "progress_enabled",
     "save_nifti",
     "build_dataset",
     "CacheEstimate",
@@ -236,6 +267,10 @@ __all__ = [
     "find_runs",
     "kd_params",
     "TaggedMLFlowHandler",
+    "git_commit",
+    "run_id_of_checkpoint",
+    "model_input_shape",
+    "log_checkpoint_model",
     "MONAI_RUN_ARGS",
     "role_knobs",
     "check_cli",

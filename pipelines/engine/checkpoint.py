@@ -3,10 +3,13 @@
 A training checkpoint (``best.pt``/``last.pt``) is a dict of plain values and tensors (loadable with
 ``weights_only=True``): ``model`` (weights, unwrapped from DDP), ``network`` (the ``networks.create`` name and
 kwargs, the format ``distill.load_teacher`` reads), ``distiller``, ``optimizer``, ``lr_scheduler``, ``trainer``,
-``epoch``, ``best_metric``, ``best_tie_metric``, ``best_epoch``, ``settings`` (network name/kwargs and
-preprocessing) and ``splits_sha256``; ``splits.json`` and ``settings.json`` lie beside it (:func:`sidecar`).
+``epoch``, ``best_metric``, ``best_tie_metric``, ``best_epoch``, ``settings`` (network name/kwargs,
+preprocessing and ``mlflow_run_id``, the training's MLflow run) and ``splits_sha256``; ``best.pt`` holds no
+``optimizer``/``lr_scheduler`` (weights only: it is what evaluation, inference, teachers and MLflow use; resuming
+reads ``last.pt``). ``splits.json``, ``settings.json`` and ``mlflow_run_id`` lie beside it (:func:`sidecar`).
 :class:`TrainCheckpointer` writes it (atomically, :func:`atomic_torch_save`); :func:`load_torch_file`,
-:func:`load_checkpoint`, :func:`checkpoint_settings` and :func:`network_from_checkpoint` read it.
+:func:`load_checkpoint`, :func:`checkpoint_settings`, :func:`checkpoint_run_id` and :func:`network_from_checkpoint`
+read it.
 """
 
 from __future__ import annotations
@@ -33,12 +36,17 @@ __all__ = [
     "load_torch_file",
     "load_checkpoint",
     "checkpoint_settings",
+    "checkpoint_run_id",
     "network_from_checkpoint",
+    "RUN_ID_FILE",
     "sidecar",
     "checkpoint_bytes",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: file beside the checkpoints that records the training's MLflow run id (written by the tracking handler)
+RUN_ID_FILE = "mlflow_run_id"
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike, *, fsync: bool = True) -> Path:
@@ -90,8 +98,11 @@ class TrainCheckpointer:
     its first validation. Each holds ``model`` (weights, unwrapped from DDP), ``network`` (the
     ``networks.create`` name and kwargs, the format ``distill.load_teacher`` reads), ``distiller`` (connectors),
     ``optimizer``, ``lr_scheduler``, ``trainer`` (ignite state: epoch, iteration), ``epoch``, ``best_metric``,
-    ``best_epoch``, ``settings`` (network name/kwargs and preprocessing) and ``splits_sha256``. Next to them:
-    ``splits.json`` (copy of the split file) and ``settings.json``. Only rank 0 writes.
+    ``best_epoch``, ``settings`` (network name/kwargs, preprocessing, and ``mlflow_run_id``: the run recorded in
+    ``<ckpt_dir>/mlflow_run_id`` when the checkpoint is written, so a teacher or an evaluated checkpoint names its
+    training run) and ``splits_sha256``; ``best.pt`` leaves out ``optimizer`` and ``lr_scheduler`` (weights only,
+    a third of the size with Adam; resume reads ``last.pt``). Next to them: ``splits.json`` (copy of the split file)
+    and ``settings.json``. Only rank 0 writes.
 
     With ``resume=True``, ``last.pt`` is loaded when training starts (every rank) and training continues with
     the next epoch, so a killed run loses at most the epoch in progress. Checkpoints are loaded with
@@ -161,23 +172,30 @@ class TrainCheckpointer:
 
         return idist.get_rank() == 0
 
-    def _state(self, engine: Engine) -> dict[str, Any]:
+    def _state(self, engine: Engine, resumable: bool = True) -> dict[str, Any]:
+        """The checkpoint dict; ``resumable=False`` (``best.pt``) leaves out the optimizer and scheduler state."""
         from pipelines.engine.tracking import file_sha256
 
-        return {
+        settings = dict(self.settings)
+        run_id = _read_run_id(self.ckpt_dir / RUN_ID_FILE)
+        if run_id:
+            settings["mlflow_run_id"] = run_id
+        state = {
             "model": unwrap(self.network).state_dict(),
             "network": {"name": self.settings.get("network_name"), **dict(self.settings.get("network_kwargs") or {})},
             "distiller": unwrap(self.distiller).state_dict() if self.distiller is not None else None,
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "trainer": {"epoch": engine.state.epoch, "max_epochs": engine.state.max_epochs, "epoch_length": engine.state.epoch_length},
             "epoch": engine.state.epoch,
             "best_metric": self.best_metric,
             "best_tie_metric": self.best_tie,
             "best_epoch": self.best_epoch,
-            "settings": self.settings,
+            "settings": settings,
             "splits_sha256": file_sha256(self.splits_file) if self.splits_file else "",
         }
+        if resumable:
+            state["optimizer"] = self.optimizer.state_dict() if self.optimizer is not None else None
+            state["lr_scheduler"] = self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None
+        return state
 
     def _started(self, engine: Engine) -> None:
         if isinstance(engine, Engine) and not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
@@ -212,7 +230,7 @@ class TrainCheckpointer:
         if self._rank0():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             # a run killed while writing a checkpoint leaves its temporary file (the checkpoint itself is intact)
-            for name in ("last.pt", "best.pt", "splits.json", "settings.json", "mlflow_run_id"):
+            for name in ("last.pt", "best.pt", "splits.json", "settings.json", RUN_ID_FILE):
                 remove_stale_temps(self.ckpt_dir / name)
             split_copy = self.ckpt_dir / "splits.json"
             if self.splits_file and Path(self.splits_file).resolve() != split_copy.resolve():
@@ -258,7 +276,7 @@ class TrainCheckpointer:
             self.best_metric, self.best_tie, self.best_epoch = value, tie, self._trainer.state.epoch
             self._best_saved = True
             if self._rank0():
-                self._save(self._state(self._trainer), self.best_path)
+                self._save(self._state(self._trainer, resumable=False), self.best_path)
                 extra = f" ({self.tie_metric} {tie:.4f})" if self.tie_metric is not None else ""
                 logger.info("new best %s %.4f%s at epoch %d -> %s", self.key_metric, value, extra, self.best_epoch, self.best_path)
 
@@ -268,7 +286,7 @@ class TrainCheckpointer:
             return
         if self.evaluator is None or not self._best_saved:
             # no validation ran (or no defined metric yet): keep a best.pt of THIS run so evaluation/inference can run
-            self._save(self._state(engine), self.best_path)
+            self._save(self._state(engine, resumable=False), self.best_path)
             self._best_saved = True
         self._save(self._state(engine), self.last_path)
 
@@ -348,6 +366,32 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def checkpoint_settings(path: str | os.PathLike) -> dict[str, Any]:
     """The ``settings`` saved in a checkpoint (network name/kwargs, preprocessing)."""
     return dict(load_checkpoint(path).get("settings") or {})
+
+
+def _read_run_id(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def checkpoint_run_id(path: str | os.PathLike) -> str:
+    """The MLflow run id of the training that wrote a checkpoint.
+
+    Read from the checkpoint's ``settings["mlflow_run_id"]``; for a checkpoint written before that was recorded,
+    from the ``mlflow_run_id`` file beside it.
+
+    Args:
+        path: the checkpoint.
+
+    Returns:
+        the run id, ``""`` when none is recorded.
+
+    Raises:
+        BundleInputError: a missing or unloadable checkpoint.
+    """
+    run_id = str(checkpoint_settings(path).get("mlflow_run_id") or "")
+    return run_id or _read_run_id(Path(path).parent / RUN_ID_FILE)
 
 
 def network_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -1,22 +1,33 @@
-"""MLflow helpers for the bundles: store location, unique run names, run parameters, executed config.
+"""MLflow for the bundles: one shared store, run names, parameters, links between runs, the logged model.
 
-MLflow 3 refuses a plain folder as tracking URI, so the default store is a SQLite database in the bundle's
-output folder (``sqlite:///<output_dir>/mlruns.db``, artifacts in ``<output_dir>/mlruns``); ``--tracking_uri``
-points at a team server instead. MONAI's ``MLFlowHandler`` attaches to the latest *unfinished* run of the same
-name, so every bundle run gets a unique name (:func:`unique_run_name`), shared by the trainer's and the
-evaluator's handlers. Browse with ``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlruns.db``.
+Store: MLflow 3 refuses a plain folder as tracking URI, so the default store is a SQLite database beside the run
+folders, in the PARENT of ``output_dir`` (the default ``runs/<role>`` folders share ``sqlite:///runs/mlruns.db``,
+artifacts in ``runs/mlruns``): teacher, students and their evaluations sit side by side in one ``mlflow ui``.
+``--tracking_uri`` points at a team server instead. MONAI's ``MLFlowHandler`` attaches to the latest *unfinished*
+run of the same name, so every bundle run gets a unique name (:func:`unique_run_name`), shared by the trainer's and
+the evaluator's handlers.
+
+Tags (:class:`TaggedMLFlowHandler`): ``git_commit`` / ``git_dirty`` of the ctdistill checkout (``unknown`` outside
+git), ``role``; a distillation run's ``teacher_run_id`` (the run that trained its teacher checkpoint, recorded in the
+checkpoint: :func:`pipelines.engine.checkpoint.checkpoint_run_id`); an evaluation run's ``training_run_id``, and
+``mlflow.parentRunId`` so the UI nests it under that training run (unless ``--run_tags`` names another parent, as
+``pipelines.experiment`` does). At the end of training the best weights are logged as an MLflow model
+(:func:`log_checkpoint_model`: ``mlflow.pytorch``, signature and input example; registered with
+``--register_name``). Browse with ``mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlruns.db``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +42,10 @@ __all__ = [
     "save_executed_config",
     "find_runs",
     "kd_params",
+    "git_commit",
+    "run_id_of_checkpoint",
+    "model_input_shape",
+    "log_checkpoint_model",
     "TaggedMLFlowHandler",
 ]
 
@@ -38,7 +53,10 @@ logger = logging.getLogger(__name__)
 
 
 def default_tracking_uri(output_dir: str | os.PathLike, tracking_uri: str | None = None) -> str:
-    """The tracking URI to use: ``tracking_uri`` when given, else SQLite in ``output_dir``.
+    """The tracking URI to use: ``tracking_uri`` when given, else SQLite in the parent folder of ``output_dir``.
+
+    Every role's default ``output_dir`` is ``runs/<role>``, so all of them (and their evaluations, which write under
+    the same ``output_dir``) share ``runs/mlruns.db``.
 
     Args:
         output_dir: the bundle's output folder (created if missing).
@@ -60,7 +78,7 @@ def default_tracking_uri(output_dir: str | os.PathLike, tracking_uri: str | None
         return tracking_uri
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{out / 'mlruns.db'}"
+    return f"sqlite:///{out.parent / 'mlruns.db'}"
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
@@ -204,6 +222,153 @@ def find_runs(tracking_uri: str, experiment_name: str) -> list[Any]:
     return list(client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]))
 
 
+@functools.lru_cache(maxsize=1)
+def git_commit() -> tuple[str, str]:
+    """The git commit of the ctdistill checkout this code runs from, and whether it has uncommitted changes.
+
+    Only the checkout that holds this package counts (an installed copy inside some other repository is not
+    mistaken for it). Never raises.
+
+    Returns:
+        ``(commit, dirty)``: the full hash and ``"true"``/``"false"``, or ``("unknown", "unknown")`` outside git
+        (an installed wheel, no ``git`` program).
+    """
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20, check=True)
+        return proc.stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return "unknown", "unknown"
+        commit = git("rev-parse", "HEAD")
+        dirty = "true" if git("status", "--porcelain", "--untracked-files=no") else "false"
+    except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
+        return "unknown", "unknown"
+    return commit, dirty
+
+
+def run_id_of_checkpoint(path: str | os.PathLike | None, what: str) -> str:
+    """The MLflow run that trained a checkpoint, for a link tag; ``"unknown"`` (with a warning) when not recorded.
+
+    Args:
+        path: the checkpoint (a teacher's, or the evaluated one).
+        what: what the checkpoint is, for the warning (e.g. ``"teacher checkpoint"``).
+
+    Returns:
+        the run id or ``"unknown"``. Never raises: a link never stops a run.
+    """
+    from pipelines.engine.checkpoint import checkpoint_run_id
+
+    try:
+        run_id = checkpoint_run_id(path) if path else ""
+    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is reported by the code that loads it
+        logger.warning("cannot read the MLflow run of %s %s (%s): tagged 'unknown'", what, path, e)
+        return "unknown"
+    if not run_id:
+        logger.warning("%s %s records no MLflow run (trained before runs were recorded, or without tracking): tagged 'unknown'", what, path)
+        return "unknown"
+    return run_id
+
+
+def model_input_shape(settings: Mapping[str, Any]) -> tuple[int, ...]:
+    """The input shape ``(C, *spatial)`` of one example for a checkpoint's network, from its saved settings.
+
+    Channels: ``network_kwargs.in_channels``. Spatial size: the 3D ``roi_size``, else the 2.5D ``in_plane_size``,
+    else the polyp ``size``, else the network's ``img_size``, else 256 a side.
+
+    Args:
+        settings: a checkpoint's ``settings`` (``network_kwargs``, ``preprocessing``).
+
+    Returns:
+        e.g. ``(3, 256, 256)`` or ``(1, 96, 96, 32)``.
+    """
+    kwargs = dict(settings.get("network_kwargs") or {})
+    pre = dict(settings.get("preprocessing") or {})
+    dims = int(kwargs.get("spatial_dims") or pre.get("spatial_dims") or 2)
+    size = (pre.get("roi_size") if dims == 3 else None) or pre.get("in_plane_size") or pre.get("size") or kwargs.get("img_size") or 256
+    spatial = [int(size)] * dims if isinstance(size, (int, float)) else [int(v) for v in size]
+    if dims == 3 and len(spatial) == 2:
+        spatial.append(32)
+    return (int(kwargs.get("in_channels") or 1), *spatial[:dims])
+
+
+def log_checkpoint_model(
+    tracking_uri: str,
+    run_id: str,
+    checkpoint: str | os.PathLike,
+    *,
+    input_shape: Sequence[int] | None = None,
+    register_name: str = "",
+    name: str = "model",
+) -> str:
+    """Log a checkpoint's network with its weights as an MLflow model of a run (``mlflow.pytorch.log_model``).
+
+    The network is rebuilt from the checkpoint (:func:`pipelines.engine.checkpoint.network_from_checkpoint`, eval
+    mode). The input example is one zero tensor ``(1, *input_shape)``; the signature has a free batch size and free
+    spatial sizes (fixed for networks built for one ``img_size``). The model is saved with pickle (any architecture,
+    any input size; loading it needs the ctdistill package installed). The run is ended (FINISHED) when done.
+
+    Args:
+        tracking_uri: the store of the run.
+        run_id: the training run.
+        checkpoint: the checkpoint (``best.pt``).
+        input_shape: ``(C, *spatial)`` of one example; default :func:`model_input_shape` of its settings.
+        register_name: also register the model under this name in the model registry (``""``: not registered).
+        name: the model's name in the run.
+
+    Returns:
+        the model URI (``models:/<model id>``).
+
+    Raises:
+        BundleInputError: an unreadable checkpoint.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from pipelines.engine.checkpoint import checkpoint_settings, network_from_checkpoint
+
+    settings = checkpoint_settings(checkpoint)
+    shape = tuple(int(v) for v in input_shape) if input_shape else model_input_shape(settings)
+    net = network_from_checkpoint(checkpoint, "cpu")
+    example = np.zeros((1, *shape), dtype=np.float32)
+    with torch.no_grad():
+        out = net(torch.from_numpy(example))
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    fixed = bool(dict(settings.get("network_kwargs") or {}).get("img_size"))
+    free = tuple(shape[1:]) if fixed else (-1,) * (len(shape) - 1)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, shape[0], *free))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(out.shape[1]), *free))]),
+    )
+    import monai
+
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}", f"numpy=={np.__version__}"]
+    # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which MONAI's handlers prefer: restore it exactly
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                net,
+                name=name,
+                signature=signature,
+                input_example=example,
+                registered_model_name=register_name or None,
+                pip_requirements=requirements,
+                serialization_format="pickle",
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    logger.info("logged the weights of %s as MLflow model %s%s", checkpoint, info.model_uri, f" (registered as {register_name!r})" if register_name else "")
+    return str(info.model_uri)
+
+
 #: MLflow names of the distillation weights (paper notation)
 _KD_NAMES = {"lam": "lambda", "temperature": "T"}
 
@@ -230,7 +395,16 @@ class TaggedMLFlowHandler(MLFlowHandler):
       RUNNING. The handler runs before the other ``EXCEPTION_RAISED`` handlers (MONAI's ``StatsHandler`` re-raises at
       once, so handlers after it never run) and re-raises the exception itself.
 
-    With none of the extra arguments it behaves as ``MLFlowHandler`` (plus the FAILED status).
+    * Links (set when the run starts; a missing record is tagged ``unknown`` with a warning, never an error):
+      ``teacher_checkpoint`` tags ``teacher_run_id`` (the run that trained the teacher); ``parent_checkpoint`` (an
+      evaluation's checkpoint) tags ``training_run_id`` and makes the run a child of that training run
+      (``mlflow.parentRunId``, when that run is in this store and ``run_tags`` names no other parent). Every run is
+      tagged ``git_commit``, ``git_dirty`` (:func:`git_commit`) and ``role`` (the ``role`` parameter).
+    * Model: with ``log_model`` the network of ``model_checkpoint`` (``best.pt``) is logged as an MLflow model
+      when the engine completes, after the artifacts (:func:`log_checkpoint_model`; ``register_name`` registers it).
+      A failure is logged as a warning: a finished training is never lost to a tracking error.
+
+    With none of the extra arguments it behaves as ``MLFlowHandler`` (plus the FAILED status and the git/role tags).
 
     Args:
         args: ``MLFlowHandler`` arguments.
@@ -239,7 +413,16 @@ class TaggedMLFlowHandler(MLFlowHandler):
         reopen: continue the run recorded in ``run_id_file`` when it exists (a CLI string such as ``"true"`` is
             accepted).
         record: write this handler's run id to ``run_id_file`` when the engine starts.
+        teacher_checkpoint: a distillation run's teacher checkpoint (``None``/``""``: not a distillation run).
+        parent_checkpoint: an evaluation run's checkpoint, whose training run becomes the parent.
+        log_model: log ``model_checkpoint`` as an MLflow model on completion (CLI strings accepted).
+        model_checkpoint: the checkpoint to log (``best.pt``).
+        register_name: model registry name (``""``: logged, not registered).
+        input_shape: ``(C, *spatial)`` of the model's input example (default: from the checkpoint's settings).
         kwargs: ``MLFlowHandler`` keyword arguments.
+
+    Raises:
+        ValueError: ``log_model`` without ``model_checkpoint``.
     """
 
     def __init__(
@@ -249,6 +432,12 @@ class TaggedMLFlowHandler(MLFlowHandler):
         run_id_file: str | os.PathLike | None = None,
         reopen: Any = False,
         record: bool = True,
+        teacher_checkpoint: str | os.PathLike | None = None,
+        parent_checkpoint: str | os.PathLike | None = None,
+        log_model: Any = False,
+        model_checkpoint: str | os.PathLike | None = None,
+        register_name: str | None = "",
+        input_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -257,6 +446,15 @@ class TaggedMLFlowHandler(MLFlowHandler):
         self.run_tags = {str(k): str(v) for k, v in dict(run_tags or {}).items()}
         self.run_id_file = Path(run_id_file) if run_id_file else None
         self.reopen, self.record = as_bool(reopen), as_bool(record)
+        self.teacher_checkpoint = str(teacher_checkpoint) if teacher_checkpoint else None
+        self.parent_checkpoint = str(parent_checkpoint) if parent_checkpoint else None
+        self.log_model = as_bool(log_model)
+        if self.log_model and not model_checkpoint:
+            raise ValueError("log_model=True needs model_checkpoint (the best.pt to log), got none.")
+        self.model_checkpoint = str(model_checkpoint) if model_checkpoint else None
+        self.register_name = str(register_name or "")
+        self.input_shape = tuple(int(v) for v in input_shape) if input_shape else None
+        self.model_uri: str | None = None
         self._tagged: str | None = None
 
     def attach(self, engine: Any) -> None:
@@ -320,11 +518,48 @@ class TaggedMLFlowHandler(MLFlowHandler):
             from pipelines.engine.atomic import atomic_write_text
 
             atomic_write_text(self.run_id_file, run_id + "\n")
-        if self.run_tags and self._tagged != run_id:
+        if self._tagged != run_id:
             from mlflow.entities import RunTag
 
-            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self.run_tags.items()])
+            tags = {**self._link_tags(run_id), **self.run_tags}
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self._tagged = run_id
+
+    def _link_tags(self, run_id: str) -> dict[str, str]:
+        """git commit, role, teacher and training-run links of this run (see the class docstring)."""
+        commit, dirty = git_commit()
+        tags = {"git_commit": commit, "git_dirty": dirty}
+        role = dict(self.experiment_param or {}).get("role") or self.cur_run.data.params.get("role")
+        if role:
+            tags["role"] = str(role)
+        if self.teacher_checkpoint:
+            tags["teacher_run_id"] = run_id_of_checkpoint(self.teacher_checkpoint, "teacher checkpoint")
+        if self.parent_checkpoint:
+            parent = run_id_of_checkpoint(self.parent_checkpoint, "evaluated checkpoint")
+            tags["training_run_id"] = parent
+            if parent != "unknown" and parent != run_id and "mlflow.parentRunId" not in self.run_tags:
+                try:
+                    self.client.get_run(parent)
+                    tags["mlflow.parentRunId"] = parent
+                except Exception as e:  # noqa: BLE001 - a training tracked elsewhere: keep the id, no nesting
+                    logger.warning("training run %s of %s is not in this tracking store (%s): not nested under it", parent, self.parent_checkpoint, e)
+        return tags
+
+    def complete(self) -> None:
+        """Log the artifacts (``MLFlowHandler``), then the model of ``model_checkpoint`` when ``log_model``."""
+        super().complete()
+        if not self.log_model or self.cur_run is None or self.model_uri is not None:
+            return
+        try:
+            self.model_uri = log_checkpoint_model(
+                self.client.tracking_uri,
+                self.cur_run.info.run_id,
+                self.model_checkpoint,
+                input_shape=self.input_shape,
+                register_name=self.register_name,
+            )
+        except Exception as e:  # noqa: BLE001 - the training is done and saved; only the MLflow model is missing
+            logger.warning("could not log %s as an MLflow model (%s: %s); the checkpoint itself is intact", self.model_checkpoint, type(e).__name__, e)
 
     def exception_raised(self, engine: Any, e: BaseException) -> None:
         """End the run as FAILED (KILLED for ``KeyboardInterrupt``), then re-raise ``e``.

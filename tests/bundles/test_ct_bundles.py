@@ -58,9 +58,10 @@ def test_train_role_one_epoch(role, cohort, teacher_run, tmp_path):
         assert ck["settings"]["kd_method"] == ("hlfd" if role == "hlfd" else "skd")
     if role == "hlfd":
         assert any(k.startswith("method.connectors") for k in ck["distiller"]), "HLFD's 1x1 heads are checkpointed"
-        con = sqlite3.connect(tmp_path / "mlruns.db")
-        metrics = {k for (k,) in con.execute("select distinct key from metrics")}
-        params = dict(con.execute("select key, value from params").fetchall())
+        run_id = (tmp_path / "checkpoints" / "mlflow_run_id").read_text().strip()
+        con = sqlite3.connect(tmp_path.parent / "mlruns.db")  # the default store beside the run folder
+        metrics = {k for (k,) in con.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
+        params = dict(con.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
         con.close()
         assert {"kd_ufd", "kd_ifd", "kd_upd", "kd_ipd", "kd_total", "loss_seg", "train_loss", "dsc_tumor"} <= metrics
         assert params["method"] == "hlfd" and params["beta"] == "0.9" and params["lambda"] == "0.1"
@@ -159,13 +160,12 @@ def test_inference_writes_nifti_in_input_geometry(teacher_run, cohort, tmp_path)
 
 
 def test_mlflow_sqlite_store_holds_the_run(teacher_run):
-    db = teacher_run / "mlruns.db"
+    db = teacher_run.parent / "mlruns.db"  # the default store lies beside the run folders, shared by the roles
     assert db.is_file()
     con = sqlite3.connect(db)
-    # the training run (evaluation runs of the same store are named <role>_eval_...)
-    runs = con.execute("select run_uuid, name, status, artifact_uri from runs where name not like '%_eval_%'").fetchall()
-    assert len(runs) == 1
-    run_id, name, status, art = runs[0]
+    # the training run, recorded beside its checkpoints (other runs of the shared store are other tests')
+    run_id = (teacher_run / "checkpoints" / "mlflow_run_id").read_text().strip()
+    [(name, status)] = con.execute("select name, status from runs where run_uuid=?", (run_id,)).fetchall()
     assert name.startswith("unetpp_teacher_") and status == "FINISHED"
     params = dict(con.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
     for key in ("role", "method", "network", "window", "num_slices", "epochs", "lr", "seed", "splits_sha256"):
@@ -175,7 +175,7 @@ def test_mlflow_sqlite_store_holds_the_run(teacher_run):
     metrics = {k for (k,) in con.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
     assert {"train_loss", "dsc_tumor", "rvd_tumor", "dsc_organ"} <= metrics
     con.close()
-    art_dir = teacher_run / "mlruns" / run_id / "artifacts"
+    art_dir = teacher_run.parent / "mlruns" / run_id / "artifacts"
     names = {p.name for p in art_dir.iterdir()}
     assert {"best.pt", "val_cases.csv", "executed_config.json"} <= names
 
@@ -239,4 +239,4 @@ def test_multi_gpu_overlay_on_cpu_gloo(cohort, teacher_run, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ck["epoch"] == 1 and not any(k.startswith("module.") for k in ck["model"]), "weights saved unwrapped"
-    assert (tmp_path / "mlruns.db").is_file()
+    assert (tmp_path.parent / "mlruns.db").is_file()

@@ -142,4 +142,4 @@ def test_bundle_error_shows_the_projects_message_first(cohort, tmp_path):
     assert lines[0].startswith("ERROR: teacher checkpoint") and str(ckpt) in lines[0], proc.stderr[-3000:]
     assert "Failed to evaluate" not in proc.stderr and "Traceback" not in proc.stderr
     assert "1 input channel(s) (3D)" in lines[0] and "takes 3 (2D" in lines[0]
-    assert not (tmp_path / "run" / "mlruns.db").exists(), "refused before any MLflow run"
+    assert not (tmp_path / "mlruns.db").exists(), "refused before any MLflow run"

@@ -15,7 +15,7 @@ import pytest
 
 from pipelines.engine import load_checkpoint
 from tests.conftest import REPO, subprocess_env
-from tests.reliability.conftest import TINY_WIDTHS, leftovers, run_bundle
+from tests.reliability.conftest import TINY_WIDTHS, leftovers, run_bundle, snapshot
 
 #: a 32^2 cohort and a 4-wide ResNet18: one epoch takes a fraction of a second
 SMALL = [
@@ -40,19 +40,20 @@ def kits(tmp_path) -> Path:
 
 
 def _runs(out: Path) -> list:
-    """Every MLflow run in the run folder's default store."""
+    """Every MLflow run in the run folder's default store (beside the run folder)."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlruns.db'}")
     ids = [e.experiment_id for e in client.search_experiments()]
     return list(client.search_runs(ids)) if ids else []
 
 
 def test_crash_during_training_marks_the_mlflow_run_failed(kits, tmp_path):
-    """Images truncated after the (skipped) integrity check: the first iteration raises inside LoadImaged."""
+    """Images truncated after the (skipped) integrity check, nothing cached: the first iteration cannot read a case."""
     for image in kits.rglob("imaging.nii.gz"):
         image.write_bytes(image.read_bytes()[:300])
     out = tmp_path / "run"
+    before = snapshot(kits)
     proc = run_bundle(
         "training", CONFIG, "--dataset_dir", str(kits), "--output_dir", str(out), "--epochs", "1", "--cache_rate", "0",
         *SMALL, expect_ok=False, timeout=240,
@@ -61,7 +62,12 @@ def test_crash_during_training_marks_the_mlflow_run_failed(kits, tmp_path):
     runs = _runs(out)
     assert runs, (proc.stdout + proc.stderr)[-3000:]
     assert [r.info.status for r in runs] == ["FAILED"], [(r.info.run_name, r.info.status) for r in runs]
-    assert "imaging.nii.gz" in proc.stderr  # the exception still reaches the user (re-raised after marking the run)
+    # the error still reaches the user (re-raised after marking the run): one line naming the file and the remedy
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"ERROR: cannot read {kits}"), proc.stderr[-3000:]
+    assert "imaging.nii.gz" in errors[0] and "pipelines.check_dataset" in errors[0]
+    assert "Traceback" not in proc.stderr and "Failed to evaluate" not in proc.stderr
+    assert snapshot(kits) == before
 
 
 def _epoch(path: Path) -> int:
@@ -104,6 +110,6 @@ def test_sigkill_then_resume_continues_the_same_mlflow_run(kits, tmp_path):
     assert after.data.tags.get("resumed_from_epoch") == str(killed_at)
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlruns.db'}")
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
     assert steps == set(range(1, epochs + 1)), sorted(steps)
