@@ -88,13 +88,14 @@ def build_dataset(
         progress: show a progress bar while caching.
 
     Returns:
-        ``monai.data.CacheDataset``.
+        :class:`pipelines.engine.case_dataset.CaseDataset` (a ``monai.data.CacheDataset``).
 
     Raises:
-        ValueError: empty datalist, ``cache_rate`` outside [0, 1], negative ``num_workers``, or a case that cannot
-            be loaded while caching (the message carries the loader's own message, which names the file).
+        ValueError: empty datalist, ``cache_rate`` outside [0, 1], negative ``num_workers``.
+        BundleInputError: a case that cannot be read, while caching or later when an uncached item is loaded (one
+            line naming the file, the reader's error and the ``check_dataset`` remedy).
     """
-    from monai.data import CacheDataset
+    from pipelines.engine.case_dataset import CaseDataset
 
     if len(datalist) == 0:
         raise ValueError("datalist is empty: nothing to train or evaluate on (check the splits file)")
@@ -102,23 +103,14 @@ def build_dataset(
         raise ValueError(f"cache_rate must be within [0, 1], got {cache_rate}")
     if int(num_workers) < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    try:
-        return CacheDataset(
-            data=list(datalist),
-            transform=transform,
-            cache_rate=float(cache_rate),
-            num_workers=max(1, int(num_workers)),  # MONAI reads None (and so a bare 0) as os.cpu_count() threads
-            copy_cache=copy_cache,
-            progress=progress,
-        )
-    except (RuntimeError, OSError, ValueError, EOFError) as e:
-        root = e
-        while root.__cause__ is not None:
-            root = root.__cause__
-        raise ValueError(
-            f"cannot load a case of the dataset while caching it: {type(root).__name__}: {root}. Run "
-            "`python -m pipelines.check_dataset <dataset or splits file>` to find every unreadable file."
-        ) from e
+    return CaseDataset(
+        data=list(datalist),
+        transform=transform,
+        cache_rate=float(cache_rate),
+        num_workers=max(1, int(num_workers)),  # MONAI reads None (and so a bare 0) as os.cpu_count() threads
+        copy_cache=copy_cache,
+        progress=progress,
+    )
 
 
 def available_memory_bytes() -> int:

@@ -8,11 +8,32 @@ from __future__ import annotations
 
 from typing import Any
 
+#: torch's ``ExceptionWrapper.reraise`` message: "Caught <type> in DataLoader worker process N.\nOriginal Traceback ..."
+_WORKER_TRACEBACK = "\nOriginal Traceback"
+
 __all__ = ["BundleInputError", "as_bool", "optional_knob"]
 
 
 class BundleInputError(ValueError):
-    """Bad user input detected before any long work (raised by the preflight checks)."""
+    """Bad user input, reported as one line naming the file or knob (raised by the preflight checks, the dataset).
+
+    An error raised in a DataLoader worker reaches the main process rebuilt by torch as
+    ``BundleInputError("Caught BundleInputError in DataLoader worker process 0.\\nOriginal Traceback ...")``: that
+    message is brought back to the worker's own one-line message (the last line of the worker's traceback).
+    """
+
+    def __init__(self, *args: Any) -> None:
+        name = type(self).__name__
+        if (
+            len(args) == 1
+            and isinstance(args[0], str)
+            and args[0].startswith(f"Caught {name} ")
+            and _WORKER_TRACEBACK in args[0]
+        ):
+            _, found, original = args[0].rstrip().rpartition(f"{name}: ")
+            if found and "\n" not in original:
+                args = (original,)
+        super().__init__(*args)
 
 
 def as_bool(value: Any) -> bool:

@@ -165,5 +165,5 @@ def test_a_truncated_case_is_a_clear_error_while_caching(tmp_path):
     img = data / "case_00001" / "imaging.nii.gz"
     img.write_bytes(img.read_bytes()[:200])  # truncated gzip
     items = [{"image": str(data / f"case_0000{i}" / "imaging.nii.gz"), "label": str(data / f"case_0000{i}" / "segmentation.nii.gz")} for i in (0, 1)]
-    with pytest.raises(ValueError, match=r"cannot load a case.*case_00001.*check_dataset"):
+    with pytest.raises(ValueError, match=r"cannot read .*case_00001.*check_dataset"):
         build_dataset(items, build_transforms("val", spatial_dims=2, num_slices=3, task="kits", in_plane_size=None), cache_rate=1.0, num_workers=0)
