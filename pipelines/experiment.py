@@ -46,7 +46,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -492,27 +492,11 @@ def _synthesize_from_labels_fn() -> Any:
 # --------------------------------------------------------------------------------------------- bundles
 
 
-@contextlib.contextmanager
-def _in_repo() -> Iterator[None]:
-    """Run from the repository root (the bundles' macros are paths relative to it)."""
-    here = Path.cwd()
-    if (here / "bundles/common/configs/train.yaml").is_file():
-        yield
-        return
-    if not (REPO / "bundles/common/configs/train.yaml").is_file():
-        raise RuntimeError(f"the bundles are not found (neither in {here} nor in {REPO}); run from the repository root.")
-    os.chdir(REPO)
-    try:
-        yield
-    finally:
-        os.chdir(here)
-
-
 def run_bundle(run_id: str, role: str, config: str, **overrides: Any) -> None:
-    """``monai.bundle.run(run_id, config_file="bundles/<role>/configs/<config>.yaml", **overrides)`` in this process.
+    """``monai.bundle.run(run_id, config_file="<repo>/bundles/<role>/configs/<config>.yaml", **overrides)`` in this process.
 
-    Exactly what ``python -m monai.bundle run <run_id> --config_file ... --<knob> <value>`` does, from the
-    repository root (changed into for the call when the working directory is elsewhere; pass absolute paths).
+    Exactly what ``python -m monai.bundle run <run_id> --config_file ... --<knob> <value>`` does (the composed
+    configs are self-contained, so the working directory does not matter; pass absolute paths).
 
     Args:
         run_id: ``training``, ``evaluating`` or ``inferring``.
@@ -522,8 +506,10 @@ def run_bundle(run_id: str, role: str, config: str, **overrides: Any) -> None:
     """
     from monai.bundle import run
 
-    with _in_repo():
-        run(run_id, config_file=f"bundles/{role}/configs/{config}.yaml", **overrides)
+    config_file = REPO / "bundles" / role / "configs" / f"{config}.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"bundle config {config_file} does not exist (role {role!r}); roles: bundles/*/role.yaml in {REPO}")
+    run(run_id, config_file=str(config_file), **overrides)
 
 
 # --------------------------------------------------------------------------------------------- statistics
