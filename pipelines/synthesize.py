@@ -23,13 +23,16 @@ Same seed, same files (byte for byte).
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
 import math
 import re
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from pipelines.engine.atomic import TMP_MARKER, atomic_write_json, remove_new_files_on_error
 from pipelines.engine.data import save_nifti
 
 __all__ = [
@@ -419,13 +423,46 @@ def _case_paths(task: str, out: Path, index: int) -> tuple[Path, Path]:
     return out / f"volume-{index}.nii", out / f"segmentation-{index}.nii"
 
 
+def _free_mb(path: Path) -> str:
+    """Free space on the disk holding ``path`` (its nearest existing folder), for a message."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MB free"
+    except OSError:
+        return "free space unknown"
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A failed write of ``path`` (full disk, no permission, a file where a folder must be) becomes one clear line.
+
+    Raises:
+        OSError: same errno, message naming ``path``, the reason and the remedy.
+    """
+    try:
+        yield
+    except OSError as err:
+        reason = f"the disk is full ({_free_mb(path)})" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise OSError(
+            err.errno,
+            f"cannot write {path}: {reason}; every file and folder this run created is removed (what was there "
+            "before is kept): free some space or choose another --out, then run it again",
+        ) from err
+
+
+def _save_case(case: SyntheticCase, image_path: Path, label_path: Path) -> None:
+    """Write a case's image (int16 HU) and label map (uint8), each atomically."""
+    for data, path, dtype in ((case.image, image_path, np.int16), (case.label, label_path, np.uint8)):
+        with _writing(path):
+            save_nifti(data, case.affine, path, dtype=dtype)
+
+
 def _write_json(out: Path, dataset: dict[str, Any]) -> Path:
-    """Write ``out/dataset.json`` atomically (temporary file, then rename)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``out/dataset.json`` atomically (temporary file, then rename; removed when the write fails)."""
     path = out / "dataset.json"
-    tmp = out / ".dataset.json.tmp"
-    tmp.write_text(json.dumps(dataset, indent=2) + "\n")
-    tmp.replace(path)
+    with _writing(path):
+        atomic_write_json(path, dataset, indent=2)
     return path
 
 
@@ -448,6 +485,8 @@ def synthesize(task: str, cases: int, size: int, out: str | Path, seed: int = 0)
 
     Raises:
         ValueError: unknown task, ``cases < 1``, ``size < 32``, or ``out`` is an existing file.
+        OSError: a file cannot be written (full disk, no permission): one line naming it; every file and folder this
+            run created is removed first (no partial case, no temporary file), what was there before is kept.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -458,12 +497,17 @@ def synthesize(task: str, cases: int, size: int, out: str | Path, seed: int = 0)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
+    with remove_new_files_on_error(out):  # a failed run leaves nothing it created (no partial case)
+        return _synthesize_into(task, cases, size, out, seed)
+
+
+def _synthesize_into(task: str, cases: int, size: int, out: Path, seed: int) -> Path:
+    """The cases and ``dataset.json`` of :func:`synthesize` (arguments already checked)."""
     training, details = [], {}
     for index in range(cases):
         case = synthesize_case(task, size, np.random.default_rng([int(seed), index]))
         image_path, label_path = _case_paths(task, out, index)
-        save_nifti(case.image, case.affine, image_path, dtype=np.int16)
-        save_nifti(case.label, case.affine, label_path, dtype=np.uint8)
+        _save_case(case, image_path, label_path)
         training.append(
             {"image": image_path.relative_to(out).as_posix(), "label": label_path.relative_to(out).as_posix()}
         )
@@ -872,6 +916,11 @@ def _is_synthesize_json(path: Path) -> bool:
     return isinstance(meta, dict) and isinstance(meta.get("synthetic"), dict)
 
 
+def _is_temp_of(name: str, target: str) -> bool:
+    """Whether ``name`` is the temporary file of a killed atomic write of ``target`` (``.<target>.<random>.tmp...``)."""
+    return name.startswith(f".{target}.") and TMP_MARKER in name
+
+
 def _check_out_folder(out: Path, labels: Path, names: Sequence[str]) -> None:
     """Refuse an output folder inside the label folder, a file, or a folder with content synthesize did not write.
 
@@ -891,13 +940,16 @@ def _check_out_folder(out: Path, labels: Path, names: Sequence[str]) -> None:
     foreign, stale, cases_seen = [], [], False
     wanted = set(names)
     for entry in sorted(out.iterdir()):
-        if entry.name in ("dataset.json", ".dataset.json.tmp") and entry.is_file():
+        if entry.is_file() and (entry.name == "dataset.json" or _is_temp_of(entry.name, "dataset.json")):
             continue
         ours = (
             entry.is_dir()
             and not entry.is_symlink()
             and _KITS_CASE.match(entry.name) is not None
-            and all(f.is_file() and (f.name in _CASE_FILES or f.name.startswith(".tmp-")) for f in entry.iterdir())
+            and all(
+                f.is_file() and (f.name in _CASE_FILES or any(_is_temp_of(f.name, c) for c in _CASE_FILES))
+                for f in entry.iterdir()
+            )
         )
         if not ours:
             foreign.append(entry.name)
@@ -961,6 +1013,8 @@ def synthesize_from_labels(
         ValueError: missing label folder or no label file in it, ``cases`` < 1 or more than the files found,
             ``size < 32``, negative ``z_spacing``, a label map that is not 3D or holds values outside {0, 1, 2},
             ``out`` inside the label folder, or ``out`` holding content synthesize did not write.
+        OSError: a file cannot be written (full disk, no permission): one line naming it; every file and folder this
+            run created is removed first, what was there before is kept.
     """
     labels, out = Path(labels), Path(out)
     files = find_label_files(labels)
@@ -1017,19 +1071,34 @@ def synthesize_from_labels(
         "test": [],
         "synthetic": {**settings, "in_progress": True, "cases": {}},
     }
+    with remove_new_files_on_error(out):  # a failed run leaves nothing it created (no partial case)
+        return _synthesize_from_labels_into(files, names, labels, out, size, z_spacing, seed, dataset, settings)
+
+
+def _synthesize_from_labels_into(
+    files: Sequence[Path],
+    names: Sequence[str],
+    labels: Path,
+    out: Path,
+    size: int | None,
+    z_spacing: float | None,
+    seed: int,
+    dataset: dict[str, Any],
+    settings: dict[str, Any],
+) -> Path:
+    """The cases and ``dataset.json`` of :func:`synthesize_from_labels` (arguments and ``out`` already checked)."""
     training, details = [], {}
     for path, name in zip(files, names):
         start = time.perf_counter()
         source, source_affine, source_info = load_label_map(path)
-        if not training:  # mark the folder as synthesize output before the first case is written (a rerun accepts it)
-            _write_json(out, dataset)
+        if not training and not _is_synthesize_json(out / "dataset.json"):
+            _write_json(out, dataset)  # mark the folder as synthesize output before the first case (a rerun accepts it)
         label, affine = resample_labels_nearest(source, source_affine, size, z_spacing)
         del source
         case_number = int(name.split("_")[1])
         case = synthesize_case_from_labels(label, affine, np.random.default_rng([int(seed), case_number, 1]))
         image_path, label_path = out / name / "imaging.nii.gz", out / name / "segmentation.nii.gz"
-        save_nifti(case.image, case.affine, image_path, dtype=np.int16)
-        save_nifti(case.label, case.affine, label_path, dtype=np.uint8)
+        _save_case(case, image_path, label_path)
         rel = image_path.relative_to(out).as_posix()
         training.append({"image": rel, "label": label_path.relative_to(out).as_posix()})
         details[rel] = {
@@ -1104,6 +1173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             what = f"{cases} {task} cases (size {size})"
     except ValueError as err:
         parser.error(str(err))
+    except OSError as err:  # a full disk, no permission: the message names the file; nothing partial is left
+        parser.exit(1, f"{parser.prog}: error: {err.strerror if err.filename is None and err.strerror else err}\n")
     print(f"wrote {what} and {path} in {time.perf_counter() - start:.1f} s")
 
 

@@ -13,7 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "atomic_copy",
     "same_bytes",
     "remove_stale_temps",
+    "remove_new_files_on_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -183,3 +185,59 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     if removed:
         logger.info("removed %d temporary file(s) of an interrupted write of %s", len(removed), path)
     return removed
+
+
+def _paths_below(root: Path) -> set[str]:
+    """Every file, folder and link below ``root`` (links are not followed)."""
+    found: set[str] = set()
+    for folder, dirs, files in os.walk(root):
+        found.update(os.path.join(folder, name) for name in (*dirs, *files))
+    return found
+
+
+@contextmanager
+def remove_new_files_on_error(root: str | os.PathLike) -> Iterator[None]:
+    """Undo what a multi-file write created below ``root`` when it fails: no partial output is left behind.
+
+    On any exception (a full disk, Ctrl-C, a bug) every file, link and folder below ``root`` that did not exist when
+    the context was entered is removed, and ``root`` itself (with the parent folders it needed) when it did not exist
+    either; then the exception propagates. Nothing that existed before is removed (a file that existed and was
+    replaced in place keeps its new content: use :func:`atomic_write` for each file, so it is never half-written).
+    Nothing is done when the block succeeds. Another process must not write below ``root`` meanwhile.
+
+    Args:
+        root: the output folder (it need not exist yet).
+
+    Yields:
+        None.
+    """
+    root = Path(root)
+    created_top: Path | None = None
+    if not root.exists():
+        created_top = root
+        while not created_top.parent.exists():
+            created_top = created_top.parent
+    existed = set() if created_top is not None else _paths_below(root)
+    try:
+        yield
+    except BaseException:
+        if created_top is not None:
+            shutil.rmtree(created_top, ignore_errors=True)
+            logger.info("removed %s, which the failed write created", created_top)
+        elif root.is_dir():
+            removed = 0
+            for folder, dirs, files in os.walk(root, topdown=False):
+                for name in (*files, *dirs):
+                    path = os.path.join(folder, name)
+                    if path in existed:
+                        continue
+                    try:
+                        if os.path.isdir(path) and not os.path.islink(path):
+                            os.rmdir(path)  # its new content is already gone; a folder still holding files stays
+                        else:
+                            os.unlink(path)
+                        removed += 1
+                    except OSError as err:
+                        logger.warning("could not remove %s after the failed write: %s", path, err)
+            logger.info("removed %d new file(s)/folder(s) of the failed write below %s", removed, root)
+        raise

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,3 +64,99 @@ def test_checkpoint_write_on_a_full_disk_keeps_the_previous_one(small_disk):
     assert snapshot(ck) == before, "the previous checkpoints are intact"
     assert not leftovers(small_disk), "no temporary file left on the full disk"
     assert load_checkpoint(ck / "last.pt")["epoch"] == 1
+
+
+def _fill(disk: Path, leave: int = 250 * 1024) -> None:
+    """Fill ``disk`` up to ``leave`` bytes: the next few cases of a cohort cannot all fit."""
+    free = shutil.disk_usage(disk).free
+    (disk / "filler.bin").write_bytes(b"\0" * max(0, free - leave))
+
+
+@pytest.mark.parametrize("folder", ["new", "existing"])
+@pytest.mark.parametrize("source", ["procedural", "from_labels"])
+def test_synthesize_on_a_full_disk_leaves_nothing_partial(source, folder, small_disk, tmp_path, capsys):
+    """Was: 8 case folders and no dataset.json. Now: one line naming the file, exit 1, and the output folder as it
+    was (a new one removed; in an existing one the user's file and an earlier run's case stay byte-identical)."""
+    from pipelines.synthesize import main, synthesize_from_labels
+    from tests.pipelines.test_synthesize_from_labels import _kidney_label, _save
+
+    out = small_disk / "cohort"
+    if source == "from_labels":
+        label, affine = _kidney_label()
+        for i in range(4):
+            _save(label, affine, tmp_path / "labels" / f"case_0000{i}" / "segmentation.nii.gz")
+        argv = ["--from-labels", str(tmp_path / "labels"), "--size", "64", "--out", str(out)]
+        if folder == "existing":  # an earlier synthesize run of the first case; this run adds three
+            synthesize_from_labels(tmp_path / "labels", out, cases=1, size=64)
+    else:
+        argv = ["--task", "kits", "--cases", "8", "--size", "64", "--out", str(out)]
+        if folder == "existing":
+            out.mkdir()
+            (out / "notes.txt").write_text("the user's notes")
+    _fill(small_disk)
+    before = snapshot(small_disk, tmp_path / "labels") if source == "from_labels" else snapshot(small_disk)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 1
+    message = capsys.readouterr().err.strip()
+    assert one_line(message) and f"cannot write {out}{os.sep}" in message and "the disk is full" in message, message
+    after = snapshot(small_disk, tmp_path / "labels") if source == "from_labels" else snapshot(small_disk)
+    assert after == before, "nothing partial left, nothing that was there (nor the label folder) changed"
+    assert out.exists() is (folder == "existing")
+    assert not leftovers(small_disk)
+
+
+@pytest.mark.parametrize("fails_at", ["case_00001/segmentation.nii.gz", "dataset.json"])
+def test_synthesize_write_error_without_a_small_disk(fails_at, tmp_path, monkeypatch, capsys):
+    """The same guarantee where no tmpfs can be mounted: the write of ``fails_at`` raises ENOSPC (as a full disk
+    does); the run's earlier cases are removed, the user's file beside them is kept."""
+    import pipelines.engine.atomic as atomic
+    from pipelines.synthesize import main
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(fails_at):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    out = tmp_path / "cohort"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's notes")
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["--task", "kits", "--cases", "3", "--size", "32", "--out", str(out)])
+    assert exc.value.code == 1
+    message = capsys.readouterr().err.strip()
+    assert one_line(message) and f"cannot write {out / fails_at}: the disk is full" in message, message
+    assert snapshot(tmp_path) == before and not leftovers(tmp_path)
+
+
+def test_remove_new_files_on_error_keeps_what_existed(tmp_path):
+    """The undo of a failed multi-file write: new files, links and folders go; old ones stay, even when replaced."""
+    from pipelines.engine.atomic import remove_new_files_on_error
+
+    root = tmp_path / "out"
+    (root / "old_dir").mkdir(parents=True)
+    (root / "old_dir" / "old.txt").write_text("old")
+    (root / "kept.txt").write_text("kept")
+    with pytest.raises(KeyboardInterrupt):  # any exception, Ctrl-C included
+        with remove_new_files_on_error(root):
+            (root / "old_dir" / "new.txt").write_text("new")
+            (root / "new_dir" / "deeper").mkdir(parents=True)
+            (root / "new_dir" / "deeper" / "x.bin").write_bytes(b"x")
+            (root / "link").symlink_to(root / "kept.txt")
+            (root / "kept.txt").write_text("replaced in place")
+            raise KeyboardInterrupt
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["kept.txt", "old_dir", "old_dir/old.txt"]
+    assert (root / "kept.txt").read_text() == "replaced in place"  # documented: existing files are not restored
+    fresh = tmp_path / "a" / "b" / "c"
+    with pytest.raises(OSError):
+        with remove_new_files_on_error(fresh):
+            fresh.mkdir(parents=True)
+            raise OSError(errno.ENOSPC, "full")
+    assert not (tmp_path / "a").exists(), "the parent folders the write created are removed too"
+    with remove_new_files_on_error(fresh):  # success: nothing undone
+        fresh.mkdir(parents=True)
+    assert fresh.is_dir()
