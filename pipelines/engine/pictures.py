@@ -356,7 +356,13 @@ def draw_curves(
 
     Returns:
         the written path.
+
+    Raises:
+        TypeError: ``loss_keys`` or ``val_keys`` given as one string instead of a sequence of column names.
     """
+    for what, keys in (("loss_keys", loss_keys), ("val_keys", val_keys)):
+        if isinstance(keys, str):
+            raise TypeError(f"{what} must be a sequence of column names, got the string {keys!r}.")
     plt = _pyplot()
     fig, (a_loss, a_val) = plt.subplots(1, 2, figsize=(11, 4))
 
@@ -511,12 +517,24 @@ class CurvePictures:
         name: the PNG file name.
         enabled: False makes the handler a no-op.
         title: figure title (e.g. the role).
+        val_keys: the validation columns drawn (the polyp role: ``["mdice", "miou"]``).
+
+    Raises:
+        ValueError: a name that is not a plain ``.png`` file name.
     """
 
-    def __init__(self, save_dir: str | os.PathLike, name: str = "curves.png", enabled: Any = True, title: str = "") -> None:
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        name: str = "curves.png",
+        enabled: Any = True,
+        title: str = "",
+        val_keys: Sequence[str] = ("dsc_tumor", "dsc_organ"),
+    ) -> None:
         if not str(name).endswith(".png") or "/" in str(name):
             raise ValueError(f"name must be a plain .png file name, got {name!r}.")
         self.save_dir, self.enabled, self.title = Path(save_dir), as_bool(enabled), str(title)
+        self.val_keys = (val_keys,) if isinstance(val_keys, str) else tuple(val_keys)
         self.path = self.save_dir / name
         self.history = ValidationHistory(save_dir, name="train_history.csv")
 
@@ -532,6 +550,7 @@ class CurvePictures:
         if not _rank0():
             return
         try:
-            draw_curves(read_history(self.history.path), read_history(self.save_dir / "val_history.csv"), self.path, title=self.title)
+            train, val = read_history(self.history.path), read_history(self.save_dir / "val_history.csv")
+            draw_curves(train, val, self.path, val_keys=self.val_keys, title=self.title)
         except Exception as e:  # noqa: BLE001 - a picture never stops a run
             logger.warning("pictures: could not draw %s (%s: %s); the run goes on without it", self.path, type(e).__name__, e)

@@ -173,3 +173,5 @@ def test_draw_functions_write_valid_pngs(tmp_path):
         draw_case_metrics([{"case": "a"}], tmp_path / "x.png")
     with pytest.raises(ValueError, match="at least one"):
         draw_case_metrics([], tmp_path / "x.png")
+    with pytest.raises(TypeError, match="val_keys must be a sequence"):
+        draw_curves([], [], tmp_path / "x.png", val_keys="mdice")
