@@ -101,3 +101,54 @@ def test_a_bug_in_a_transform_is_not_reported_as_an_unreadable_file(tmp_path):
     with pytest.raises(RuntimeError) as err:
         dataset[0]
     assert not isinstance(err.value, BundleInputError) and isinstance(err.value.__cause__, KeyError)
+
+
+def _tiny_student_checkpoint(path: Path) -> Path:
+    """A 4-wide 2.5D ResNet18 student checkpoint with the settings a training run records (no training needed)."""
+    import torch
+
+    import networks
+
+    kwargs = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_width": 4}
+    preprocessing = {"spatial_dims": 2, "num_slices": 3, "task": "kits", "window": None, "pixdim": None}
+    settings = {
+        "role": "resnet18_student",
+        "network_name": "resnet18_student",
+        "network_kwargs": kwargs,
+        "preprocessing": {**preprocessing, "in_plane_size": [32, 32], "roi_size": None},
+    }
+    torch.save(
+        {"model": networks.create("resnet18_student", **kwargs).state_dict(), "epoch": 1, "settings": settings}, path
+    )
+    return path
+
+
+def test_inference_input_whose_voxels_are_missing(tmp_path):
+    """Its header passes the input check; the voxels fail at load time (was: MONAI's traceback, no file named).
+    Now: one ERROR line naming it; the inputs unchanged; the case written before it is listed in volumes.csv (so a
+    rerun into the same folder may replace it) and no temporary file is left."""
+    from pipelines.synthesize import synthesize
+    from tests.reliability.conftest import leftovers, run_bundle
+
+    synthesize("kits", cases=2, size=32, out=tmp_path / "kits", seed=4)
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a_good.nii.gz").write_bytes((tmp_path / "kits" / "case_00000" / "imaging.nii.gz").read_bytes())
+    bad = src / "b_bad.nii.gz"
+    bad.write_bytes(
+        DAMAGE["image_missing_voxels"][1]((tmp_path / "kits" / "case_00001" / "imaging.nii.gz").read_bytes())
+    )
+    ckpt = _tiny_student_checkpoint(tmp_path / "student.pt")
+    before = snapshot(src, ckpt)
+    out = tmp_path / "out"
+    proc = run_bundle(
+        "inferring", "bundles/resnet18_student/configs/inference.yaml", "--input_dir", str(src),
+        "--output_dir", str(out), "--checkpoint", str(ckpt), expect_ok=False, timeout=240,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"ERROR: cannot read {bad} (OSError: Expected"), errors[0]
+    assert "Traceback" not in proc.stderr and "Failed to evaluate" not in proc.stderr
+    assert snapshot(src, ckpt) == before
+    assert (out / "volumes.csv").read_text().splitlines()[1].startswith("a_good,")
+    assert sorted(p.name for p in out.iterdir()) == ["a_good.nii.gz", "volumes.csv"] and not leftovers(out)
