@@ -110,7 +110,8 @@ def _check_name(value: str, what: str) -> str:
 
 
 def _roles(bundles_dir: Path) -> list[str]:
-    return sorted(p.parent.parent.name for p in bundles_dir.glob("*/configs/inference.yaml"))
+    """Folders of ``bundles_dir`` with ``configs/metadata.json`` and ``configs/inference.yaml`` (not ``common``)."""
+    return sorted(p.parent.parent.name for p in bundles_dir.glob("*/configs/metadata.json") if p.with_name("inference.yaml").is_file())
 
 
 def _knob(config: Path, key: str, default: Any) -> Any:
@@ -567,19 +568,18 @@ def export_bundle(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of :func:`export_bundle`; returns the exit code (2 with ``ERROR: <message>`` on bad input)."""
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.export_bundle", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m pipelines.export_bundle", description=__doc__.splitlines()[0]
     )  # fmt: skip
     parser.add_argument("role", help=f"the role the checkpoint was trained with: {', '.join(_roles(BUNDLES_DIR))}")
     parser.add_argument("--checkpoint", required=True, type=Path, help="the training checkpoint (best.pt)")
     parser.add_argument("--out", required=True, type=Path, help="the bundle zip to write")
     parser.add_argument("--name", default=None, help="bundle name (default ctdistill_<role>)")
-    parser.add_argument("--version", default="0.1.0", help="bundle version")
+    parser.add_argument("--version", default="0.1.0", help="bundle version (default 0.1.0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--torchscript", action="store_true", help="also include models/model.ts (traced)")
     parser.add_argument("--onnx", action="store_true", help="also include models/model.onnx (dynamic batch)")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip verify_metadata / verify_net_in_out")
-    parser.add_argument("--bundles-dir", type=Path, default=None, help="the bundles folder holding <role>/configs (default: this checkout's)")
+    parser.add_argument("--bundles-dir", type=Path, default=None, help="the bundles folder holding <role>/configs (default: this checkout's bundles/)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for chatty in ("onnx_ir", "onnxscript", "torch.onnx"):  # the ONNX exporter logs every graph pass at INFO

@@ -36,25 +36,28 @@ STUDENT_KW = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_widt
 TRAINING_STATE = ("optimizer", "lr_scheduler", "distiller", "trainer", "best_tie_metric", "splits_sha256")
 
 
-def _training_checkpoint(path: Path, role: str = "resnet18_student", size: int = 64) -> Path:
-    """A checkpoint in the bundles' training format (as ``TrainCheckpointer`` writes it) of a random tiny student."""
+def _training_checkpoint(
+    path: Path,
+    role: str = "resnet18_student",
+    network: str = "resnet18_student",
+    kwargs: dict | None = None,
+    preprocessing: dict | None = None,
+) -> Path:
+    """A checkpoint in the bundles' training format (as ``TrainCheckpointer`` writes it) of a random tiny network
+    (default: a 4-wide 2.5D student at 64x64) after one optimizer step."""
     torch.manual_seed(0)
-    net = networks.create("resnet18_student", **STUDENT_KW)
+    kwargs = dict(STUDENT_KW if kwargs is None else kwargs)
+    pre = preprocessing or {"spatial_dims": 2, "num_slices": 3, "task": "kits", "window": None, "pixdim": None,
+                            "in_plane_size": [64, 64], "roi_size": None}  # fmt: skip
+    net = networks.create(network, **kwargs)
     opt = torch.optim.Adam(net.parameters())
-    net(torch.rand(2, 3, size, size)).sum().backward()
+    size = pre.get("roi_size") or pre.get("in_plane_size") or [pre["size"]] * 2
+    net(torch.rand(2, net.in_channels, *size))[0].sum().backward()
     opt.step()
-    settings = {
-        "role": role,
-        "network_name": "resnet18_student",
-        "network_kwargs": STUDENT_KW,
-        "preprocessing": {"spatial_dims": 2, "num_slices": 3, "task": "kits", "window": None, "pixdim": None,
-                          "in_plane_size": [size, size], "roi_size": None},
-        "kd_method": "none",
-        "seed": 0,
-    }  # fmt: skip
+    settings = {"role": role, "network_name": network, "network_kwargs": kwargs, "preprocessing": pre, "kd_method": "none", "seed": 0}
     torch.save(
         {
-            "model": net.state_dict(), "network": {"name": "resnet18_student", **STUDENT_KW},
+            "model": net.state_dict(), "network": {"name": network, **kwargs},
             "distiller": None, "optimizer": opt.state_dict(), "lr_scheduler": {"last_epoch": 3},
             "trainer": {"epoch": 3, "max_epochs": 3, "epoch_length": 2}, "epoch": 3, "best_metric": 0.4321,
             "best_tie_metric": 0.9, "best_epoch": 2, "settings": settings, "splits_sha256": "0" * 64,
@@ -107,6 +110,31 @@ def test_zip_layout_and_weights_only_model(exported):
     assert meta["name"] == "tiny_student" and meta["numpy_version"] == np.__version__
     readme = (folder / "docs" / "README.md").read_text()
     assert "0.4321" in readme and "monai.bundle run inferring" in readme and "Not a medical device" in readme
+
+
+TINY_TRANSFUSE = {"embed_dim": 16, "depth": 1, "num_heads": 2, "cnn_widths": [4, 8, 16], "cnn_layers": [1, 1, 1],
+                  "decoder_channels": [8, 4], "head_channels": 4, "img_size": 64}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "role, network, kwargs, preprocessing, shape, metric",
+    [
+        ("unetpp_teacher", "unetpp_teacher", {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "features": [4, 8, 16, 32]},
+         {"spatial_dims": 2, "num_slices": 3, "task": "kits", "in_plane_size": [64, 64], "roi_size": None}, [3, 64, 64], "dsc_tumor"),
+        ("hlfd", "resnet18_student", {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "base_width": 4},
+         {"spatial_dims": 3, "num_slices": 3, "task": "kits", "in_plane_size": None, "roi_size": [64, 64, 32]}, [1, 64, 64, 32], "dsc_tumor"),
+        ("transfuse_polyp", "transfuse_s", {"in_channels": 3, "out_channels": 1, **TINY_TRANSFUSE}, {"size": 64}, [3, 64, 64], "mdice"),
+    ],
+)  # fmt: skip
+def test_other_roles_and_3d_export_and_verify(role, network, kwargs, preprocessing, shape, metric, tmp_path):
+    ckpt = _training_checkpoint(tmp_path / "best.pt", role, network, kwargs, preprocessing)
+    folder = _unzip(export_bundle(role, ckpt, tmp_path / "b.zip"), tmp_path / "unpacked")  # verified while exporting
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert [image["num_channels"], *image["spatial_shape"]] == shape
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == kwargs["out_channels"]
+    assert meta["eval_metrics"] == {f"val_mean_{metric}": 0.4321}
+    assert torch.load(folder / "models" / "model.pt", weights_only=True)["settings"]["role"] == role
 
 
 def test_bundle_checkpoint_drops_training_state(exported):
@@ -181,8 +209,10 @@ def test_refusals_name_the_problem(exported, tmp_path, capsys):
     with pytest.raises(FileExistsError, match=str(out)):
         export_bundle("resnet18_student", ckpt, out)
     assert out.read_bytes() == before
-    with pytest.raises(ValueError, match="unknown role 'student'; valid: .*resnet18_student"):
+    with pytest.raises(ValueError, match="unknown role 'student'; valid: hlfd, kd_baselines, resnet18_student, "):
         export_bundle("student", ckpt, tmp_path / "a.zip")
+    with pytest.raises(ValueError, match="unknown role 'common'"):
+        export_bundle("common", ckpt, tmp_path / "a.zip")
     with pytest.raises(ValueError, match="trained by the 'resnet18_student' role, not 'hlfd'"):
         export_bundle("hlfd", ckpt, tmp_path / "b.zip")
     with pytest.raises(ValueError, match=r"must be a \.zip"):
