@@ -85,21 +85,15 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Top-level keys each exported config gets (MONAI's top-level replace rule, applied as text so the comments stay)
 _BUNDLE_ROOT = 'bundle_root: "."   # the unpacked bundle folder: run from inside it, or pass --bundle_root <folder>\n'
 _CHECKPOINT = "checkpoint: \"$@bundle_root + '/models/model.pt'\"   # the exported weights (--checkpoint <file> for others)\n"
-_NETWORK_DEF = (
-    "# the architecture alone (monai.bundle verify_net_in_out / ckpt_export build it; inference loads the weights)\n"
-    "network_def: \"$networks.create(@ckpt_settings['network_name'], **@ckpt_settings['network_kwargs'])\"\n"
-)
 _OVERLAYS: dict[str, str] = {
     "inference.yaml": "output_dir: \"$@bundle_root + '/inference'\"   # label maps <case>.nii.gz + volumes.csv (or --output_dir <folder>)\n"
     + _CHECKPOINT
-    + _BUNDLE_ROOT
-    + _NETWORK_DEF,
+    + _BUNDLE_ROOT,
     "evaluate.yaml": "dataset_dir: null   # REQUIRED here: the labelled data (KiTS/LiTS/nnU-Net folder, CSV or splits JSON)\n"
     + 'output_dir: "$@bundle_root"   # results go to <output_dir>/eval\n'
     + _CHECKPOINT
     + _BUNDLE_ROOT
-    + "tracking_uri: \"$'sqlite:///' + os.path.abspath(@bundle_root) + '/mlruns.db'\"   # MLflow store in the bundle (or --tracking_uri <server>)\n"
-    + _NETWORK_DEF,
+    + "tracking_uri: \"$'sqlite:///' + os.path.abspath(@bundle_root) + '/mlruns.db'\"   # MLflow store in the bundle (or --tracking_uri <server>)\n",
 }
 
 
