@@ -61,7 +61,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors have many types
-        raise ValueError(f"Cannot read teacher checkpoint {str(path)!r} as a weights-only torch file: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]  # torch's own message spans many lines
+        raise ValueError(
+            f"Cannot read teacher checkpoint {str(path)!r} as a weights-only torch file (truncated, not a PyTorch "
+            f"file, or holding objects other than weights, which are never run) [{type(e).__name__}: {first}]"
+        ) from e
     net_kwargs: dict[str, Any] = {}
     state: Any = obj
     if isinstance(obj, Mapping) and ("model" in obj or "state_dict" in obj):

@@ -443,11 +443,13 @@ def _writing(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        reason = f"the disk is full ({_free_mb(path)})" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        full = err.errno == errno.ENOSPC
+        reason = f"the disk is full ({_free_mb(path)})" if full else (err.strerror or str(err))
+        remedy = "free some space or choose another --out" if full else "choose an --out you can write to"
         raise OSError(
             err.errno,
             f"cannot write {path}: {reason}; every file and folder this run created is removed (what was there "
-            "before is kept): free some space or choose another --out, then run it again",
+            f"before is kept): {remedy}, then run it again",
         ) from err
 
 

@@ -57,13 +57,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, fsync
 
     Raises:
         IsADirectoryError: ``path`` is an existing folder.
-        Exception: whatever ``write`` or the filesystem raises; the temporary file is removed first.
+        Exception: whatever ``write`` or the filesystem raises; the temporary file is removed first (an
+            ``OSError`` naming the temporary file names ``path`` instead).
     """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{TMP_MARKER}{_suffix(path.name)}", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{TMP_MARKER}{_suffix(path.name)}", dir=path.parent)
+    except OSError as err:  # a read-only or full folder: name the destination, not a temporary name never made
+        err.filename = str(path)
+        raise
     os.close(fd)
     tmp = Path(name)
     try:
@@ -78,13 +83,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, fsync
             finally:
                 os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as failure:
         try:
             tmp.unlink()
         except FileNotFoundError:
             pass
         except OSError as err:  # pragma: no cover - e.g. the folder became unwritable meanwhile
             logger.warning("could not remove the temporary file %s: %s", tmp, err)
+        if isinstance(failure, OSError) and failure.filename is not None and str(failure.filename) == str(tmp):
+            failure.filename = str(path)  # the user knows the destination; the temporary name is gone
         raise
     return path
 

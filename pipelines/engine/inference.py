@@ -180,8 +180,8 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
 
     Raises:
         ValueError: a missing input, nothing to segment, a bad input volume, two inputs with the same case name, an
-            output folder that is (or mixes with) the input folder, or an output that would replace an input or a
-            file no earlier inference into ``output_dir`` wrote.
+            output folder that is (or mixes with) the input folder or cannot be written to, or an output that would
+            replace an input or a file no earlier inference into ``output_dir`` wrote.
     """
     src = Path(input_dir)
     out = Path(output_dir)
@@ -241,7 +241,22 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
             )
     for p in images:
         check_input_volume(p)
+    _check_writable(out)
     return [{"image": str(p)} for p in images]
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an output folder (or, when it does not exist yet, the folder it would be made in) nobody can write to.
+
+    Raises:
+        ValueError: naming the folder, before any inference.
+    """
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):  # also False on a read-only filesystem, for root too
+        where = "" if existing == out else f" (it would be created in {existing})"
+        raise ValueError(f"output_dir {out} is not writable{where}; choose an --output_dir you can write to.")
 
 
 def convert_dicom(series_dir: str | os.PathLike, target: str | os.PathLike) -> list[Path]:

@@ -6,9 +6,13 @@ not copied).
 
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
-from collections.abc import Sequence
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +21,7 @@ import pytest
 
 from tests.bundles.conftest import TINY, TINY_WIDTHS, cohort, run_bundle  # noqa: F401 - fixtures and helpers reused
 
-__all__ = ["TINY", "TINY_WIDTHS", "run_bundle", "snapshot", "leftovers", "write_nifti", "one_line"]
+__all__ = ["TINY", "TINY_WIDTHS", "run_bundle", "snapshot", "leftovers", "write_nifti", "one_line", "tmpfs"]
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -76,3 +80,42 @@ def ct_volume() -> np.ndarray:
     data = rng.integers(-1000, 400, size=(16, 16, 8)).astype(np.int16)
     data[0, 0, 0], data[1, 1, 1] = -1000, 1200
     return data
+
+
+@contextmanager
+def tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
+    """Mount a tmpfs with ``options`` (e.g. ``size=1M``, ``ro``) at ``mount_point`` for the block.
+
+    Skips the test, with the reason, where it cannot be mounted (it needs root / CAP_SYS_ADMIN).
+    """
+    mount_point.mkdir(parents=True, exist_ok=True)
+    cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"cannot mount a tmpfs ({options}): {e}")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}; needs root/CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        gc.collect()  # a failed write's traceback may still hold its (deleted) temporary file open
+        if subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path) -> Iterator[Path]:
+    """An existing folder nobody may write to: mode 0555 for a normal user; root ignores modes, so a read-only
+    tmpfs there (skipped, with the reason, where it cannot be mounted)."""
+    folder = tmp_path / "read_only"
+    if os.geteuid() != 0:
+        folder.mkdir()
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    with tmpfs(folder, "ro,size=64k") as mounted:
+        yield mounted

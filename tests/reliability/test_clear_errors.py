@@ -143,3 +143,46 @@ def test_bundle_error_shows_the_projects_message_first(cohort, tmp_path):
     assert "Failed to evaluate" not in proc.stderr and "Traceback" not in proc.stderr
     assert "1 input channel(s) (3D)" in lines[0] and "takes 3 (2D" in lines[0]
     assert not (tmp_path / "mlruns.db").exists(), "refused before any MLflow run"
+
+
+def _unwritable_run(tool: str, ro: Path, cohort: Path, tmp_path: Path, capsys) -> tuple[str, Path]:
+    """Run ``tool`` with its output in (or being) the read-only folder ``ro``: (its one message, the path named)."""
+    from pipelines.datalist import main as datalist_main
+    from pipelines.engine import guard_training_output, release_output_dir
+    from pipelines.engine.inference import discover_inputs
+    from pipelines.synthesize import main as synthesize_main
+
+    if tool in ("training_new_folder", "training_existing_folder", "inference"):
+        out = {"training_new_folder": ro / "run", "training_existing_folder": ro, "inference": ro / "pred"}[tool]
+        try:
+            with pytest.raises(ValueError) as err:
+                guard_training_output(out) if tool.startswith("training") else discover_inputs(cohort, out)
+        finally:
+            release_output_dir(out)
+        return str(err.value), out
+    if tool == "dicom_to_nifti":
+        write_series(tmp_path / "dicom", _z_positions([0.0, 2.0, 4.0]))
+        assert dicom_main([str(tmp_path / "dicom"), str(ro / "nifti")]) == 1
+        return capsys.readouterr().out.strip(), ro / "nifti"
+    out = ro / ("splits.json" if tool == "datalist" else "cohort")
+    synthesize_argv = ["--cases", "1", "--size", "32", "--out", str(out)]
+    argv = [str(cohort), "--out", str(out)] if tool == "datalist" else synthesize_argv
+    with pytest.raises(SystemExit) as exc:
+        (datalist_main if tool == "datalist" else synthesize_main)(argv)
+    assert exc.value.code in (1, 2)
+    return capsys.readouterr().err.strip().splitlines()[-1], out
+
+
+@pytest.mark.parametrize(
+    "tool", ["training_new_folder", "training_existing_folder", "inference", "dicom_to_nifti", "datalist", "synthesize"]
+)
+def test_unwritable_output_is_one_clear_line(tool, read_only_dir, cohort, tmp_path, capsys):
+    """An output folder nobody can write to: refused before any work, naming it (never a temporary file's name,
+    never a raw OSError after the first case); the inputs unchanged."""
+    before = snapshot(cohort)
+    message, named = _unwritable_run(tool, read_only_dir, cohort, tmp_path, capsys)
+    assert one_line(message) and str(named) in message, message
+    assert "writ" in message or "Read-only" in message or "Permission denied" in message, message
+    assert ".tmp" not in message, "the destination is named, not a temporary file"
+    assert snapshot(cohort) == before
+    assert not any(read_only_dir.iterdir())

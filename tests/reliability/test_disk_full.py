@@ -5,10 +5,8 @@ tmpfs (skipped, with the reason, where it cannot be mounted)."""
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,26 +15,14 @@ import pytest
 import torch
 
 from pipelines.engine import BundleInputError, TrainCheckpointer, check_free_disk, checkpoint_bytes, load_checkpoint
-from tests.reliability.conftest import leftovers, one_line, snapshot
+from tests.reliability.conftest import leftovers, one_line, snapshot, tmpfs
 
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
     """A 1 MB tmpfs mounted at ``tmp_path/disk``."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot mount a 1 MB tmpfs to simulate a full disk: {e}")
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MB tmpfs to simulate a full disk (needs root/CAP_SYS_ADMIN): {proc.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "size=1M") as disk:
         yield disk
-    finally:
-        gc.collect()  # a failed torch.save's traceback may still hold its (deleted) temporary file open
-        if subprocess.run(["umount", str(disk)], capture_output=True, timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
 
 
 def test_preflight_refuses_an_output_dir_without_room_for_the_checkpoints(small_disk):
@@ -160,3 +146,19 @@ def test_remove_new_files_on_error_keeps_what_existed(tmp_path):
     with remove_new_files_on_error(fresh):  # success: nothing undone
         fresh.mkdir(parents=True)
     assert fresh.is_dir()
+
+
+def test_dicom_to_nifti_on_a_full_disk(small_disk, tmp_path, capsys):
+    """Was: a raw error. Now: exit 1, one line naming the NIfTI it could not write; no partial or temporary file."""
+    from pipelines.dicom_to_nifti import main
+    from tests.pipelines.test_dicom_to_nifti import _z_positions, write_series
+
+    write_series(tmp_path / "dicom", _z_positions([2.0 * z for z in range(40)]))
+    _fill(small_disk, leave=0)
+    before = snapshot(small_disk, tmp_path / "dicom")
+    assert main([str(tmp_path / "dicom"), str(small_disk / "nifti")]) == 1
+    message = capsys.readouterr().out.strip()
+    assert one_line(message) and f"cannot write {small_disk / 'nifti'}" in message, message
+    assert "No space left on device" in message and ".tmp" not in message, message
+    assert snapshot(small_disk, tmp_path / "dicom") == before
+    assert not leftovers(small_disk) and not list(small_disk.rglob("*.nii*"))

@@ -11,6 +11,7 @@ import torch
 from pipelines.engine import (
     BundleInputError,
     TrainCheckpointer,
+    check_teacher_checkpoint,
     checkpoint_settings,
     guard_training_output,
     load_checkpoint,
@@ -60,6 +61,7 @@ LOADERS = {
     "network_from_checkpoint": network_from_checkpoint,
     "resume_preflight": lambda p: guard_training_output(p.parent.parent, resume=True),
     "resume_checkpointer": _resume_checkpointer,
+    "teacher_checkpoint": lambda p: check_teacher_checkpoint(p, "hlfd"),  # --teacher_ckpt of the KD roles
 }
 
 
