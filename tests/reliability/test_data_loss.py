@@ -340,17 +340,25 @@ def test_failed_write_leaves_no_temp_file_and_keeps_the_old_file(writer, tmp_pat
     assert not leftovers(tmp_path)
 
 
-def test_training_bundle_refuses_an_earlier_run_before_any_work(cohort, tmp_path):
-    """Through the bundle: existing checkpoints without --resume/--overwrite stop in preflight; nothing is written."""
+@pytest.mark.parametrize("case", ["earlier_run", "resume_without_last_pt"])
+def test_training_bundle_refuses_an_earlier_run_before_any_work(case, cohort, tmp_path):
+    """Through the bundle: existing checkpoints without --resume/--overwrite, or --resume true without last.pt (was:
+    reported only after caching), stop in preflight with one ERROR line; nothing is written."""
     out = tmp_path / "run"
-    last = _fake_run(out)
+    if case == "earlier_run":
+        last, knobs, expect = _fake_run(out), [], "--overwrite true"
+    else:
+        out.mkdir()
+        last, knobs, expect = out / "checkpoints" / "last.pt", ["--resume", "true"], "does not exist"
     before = snapshot(out)
     proc = run_bundle(
         "training", "bundles/resnet18_student/configs/train.yaml", "--dataset_dir", str(cohort), "--output_dir", str(out),
-        "--network_kwargs", TINY_WIDTHS["resnet18_student"], *TINY, expect_ok=False, timeout=240,
+        "--network_kwargs", TINY_WIDTHS["resnet18_student"], *TINY, *knobs, expect_ok=False, timeout=240,
     )  # fmt: skip
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and str(last) in log and "--overwrite true" in log, log[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert proc.returncode != 0 and len(errors) == 1, (proc.stdout + proc.stderr)[-3000:]
+    assert str(last) in errors[0] and expect in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
     assert {k: v for k, v in snapshot(out).items() if not k.endswith("/.lock")} == before
     assert not (out / "splits.json").exists() and not (out.parent / "mlruns.db").exists()
 
