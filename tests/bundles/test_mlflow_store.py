@@ -11,72 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from tests.bundles.conftest import REPO, TINY, TINY_WIDTHS, run_bundle
-
-# ------------------------------------------------------------------------------------------------ wiring shim
-# The handlers below are what bundles/common/configs/{train,evaluate}.yaml and kd.yaml wire (the YAML change handed to
-# the lead). Until the generated role configs carry them, this test adds them through one more config file merged
-# after the role's (MONAI's config-list merge); once they do, the role configs run as they are.
-
-#: the training's MLflow handler: artifacts incl. the pictures, the teacher link, the logged model
-TRAIN_MLFLOW = (
-    "$pipelines.engine.TaggedMLFlowHandler(tracking_uri=@tracking#uri, experiment_name=@experiment_name, "
-    "run_name=@tracking#run_name, iteration_log=False, run_tags=@run_tags, experiment_param=@tracking#params, "
-    "artifacts=[@ckpt_dir + '/best.pt', @executed_config] + [@output_dir + '/' + f for f in ['val_cases.csv', "
-    "'val_summary.csv', 'val_history.csv', 'train_history.csv', 'curves.png', 'val_overlays.png', "
-    "'val_case_metrics.png']], close_on_complete=True, run_id_file=@ckpt_dir + '/mlflow_run_id', reopen=@resume, "
-    "teacher_checkpoint=@teacher_link, log_model=True, model_checkpoint=@ckpt_dir + '/best.pt', "
-    "register_name=@register_name) if @is_rank0 else None"
-)
-
-
-def _wired(config: Path) -> bool:
-    return "CasePictures" in config.read_text()
-
-
-def _train_overlay(config: Path, kd: bool) -> dict:
-    cfg = yaml.safe_load(config.read_text())
-    handlers = list(cfg["train_handlers"])
-    curves = {"_target_": "pipelines.engine.CurvePictures", "save_dir": "@output_dir", "enabled": "@pictures", "title": "@role"}
-    return {
-        "register_name": "",
-        "pictures": True,
-        "teacher_link": "@teacher_ckpt" if kd else "",
-        "val_handlers": [
-            *cfg["val_handlers"],
-            {"_target_": "pipelines.engine.CasePictures", "save_dir": "@output_dir", "prefix": "val_", "enabled": "@pictures", "title": "@role"},
-        ],
-        "train_handlers": [*handlers[:-1], curves, handlers[-1]],  # the checkpointer stays last
-        "train_mlflow": TRAIN_MLFLOW,
-    }
-
-
-def _eval_overlay(config: Path) -> dict:
-    cfg = yaml.safe_load(config.read_text())
-    handlers = []
-    for h in cfg["eval_handlers"]:
-        if isinstance(h, dict) and h.get("_target_") == "pipelines.engine.TaggedMLFlowHandler":
-            h = dict(h, parent_checkpoint="@checkpoint", artifacts=[*h["artifacts"], "$@eval_dir + '/overlays.png'", "$@eval_dir + '/case_metrics.png'"])
-            handlers += [
-                {"_target_": "pipelines.engine.Progress", "progress": "@progress", "desc": "$@role + ' evaluate'"},
-                {"_target_": "pipelines.engine.CasePictures", "save_dir": "@eval_dir", "enabled": "@pictures", "title": "@role"},
-            ]
-        handlers.append(h)
-    return {"pictures": True, "progress": "auto", "eval_handlers": handlers}
-
-
-def _configs(role: str, kind: str, tmp: Path, kd: bool = False) -> str | list[str]:
-    """The role's generated config, plus the shim overlay while the base configs do not wire the handlers yet."""
-    config = REPO / "bundles" / role / "configs" / f"{kind}.yaml"
-    if _wired(config):
-        return str(config.relative_to(REPO))
-    overlay = tmp / f"{role}_{kind}_overlay.yaml"
-    overlay.write_text(yaml.safe_dump(_train_overlay(config, kd) if kind == "train" else _eval_overlay(config), sort_keys=False))
-    return [str(config.relative_to(REPO)), str(overlay)]
-
 
 # ------------------------------------------------------------------------------------------------ the test
 
@@ -100,15 +37,15 @@ def test_teacher_hlfd_and_evaluation_share_one_store(cohort, tmp_path):
     teacher_dir, hlfd_dir = runs / "unetpp_teacher", runs / "hlfd"
     common = ["--dataset_dir", str(cohort), *TINY]
     run_bundle(
-        "training", _configs("unetpp_teacher", "train", tmp_path), *common, "--output_dir", str(teacher_dir),
+        "training", "bundles/unetpp_teacher/configs/train.yaml", *common, "--output_dir", str(teacher_dir),
         "--network_kwargs", TINY_WIDTHS["unetpp_teacher"], "--register_name", "ctdistill_tiny_teacher",
     )  # fmt: skip
     teacher_ckpt = teacher_dir / "checkpoints" / "best.pt"
     run_bundle(
-        "training", _configs("hlfd", "train", tmp_path, kd=True), *common, "--output_dir", str(hlfd_dir),
+        "training", "bundles/hlfd/configs/train.yaml", *common, "--output_dir", str(hlfd_dir),
         "--network_kwargs", TINY_WIDTHS["hlfd"], "--teacher_ckpt", str(teacher_ckpt),
     )  # fmt: skip
-    run_bundle("evaluating", _configs("hlfd", "evaluate", tmp_path), "--output_dir", str(hlfd_dir), "--num_workers", "0", "--sw_batch_size", "32")
+    run_bundle("evaluating", "bundles/hlfd/configs/evaluate.yaml", "--output_dir", str(hlfd_dir), "--num_workers", "0", "--sw_batch_size", "32")
 
     assert sorted(p.name for p in runs.iterdir()) == ["hlfd", "mlruns", "mlruns.db", "unetpp_teacher"], "one store for all"
     client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlruns.db'}")
