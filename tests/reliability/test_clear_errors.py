@@ -10,7 +10,7 @@ import pytest
 from pipelines.dicom_to_nifti import main as dicom_main
 from pipelines.engine import BundleInputError, preflight, resolve_splits
 from tests.pipelines.test_dicom_to_nifti import _z_positions, write_series
-from tests.reliability.conftest import one_line, snapshot
+from tests.reliability.conftest import leftovers, one_line, snapshot
 
 
 @pytest.fixture
@@ -50,10 +50,12 @@ def test_dicom_output_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     write_series(src, _z_positions([0.0, 2.0, 4.0]))
     out = tmp_path / "out.nii.gz"
     out.write_bytes(b"keep me")
+    before = snapshot(src)
     assert dicom_main([str(src), str(out)]) == 1
     message = capsys.readouterr().out.strip()
     assert str(out) in message and one_line(message)
-    assert out.read_bytes() == b"keep me"
+    assert out.read_bytes() == b"keep me" and snapshot(src) == before
+    assert not leftovers(tmp_path)
 
 
 def test_series_listing_shows_hashes_not_uids(tmp_path, capsys):
