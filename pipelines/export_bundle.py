@@ -55,7 +55,6 @@ __all__ = [
     "LICENSE_FILE",
     "CONFIG_FILES",
     "export_bundle",
-    "bundle_checkpoint",
     "bundle_metadata",
     "bundle_configs",
     "verify_bundle",
@@ -77,8 +76,6 @@ LICENSE_FILE: Path = _REPO / "LICENSE"
 CONFIG_FILES: tuple[str, ...] = ("inference.yaml", "evaluate.yaml", "train.yaml", "multi_gpu_train.yaml", "logging.conf")
 #: packages the bundle's configs import beyond MONAI (their installed versions go into ``metadata.json``)
 REQUIRED_PACKAGES: tuple[str, ...] = ("ctdistill", "pytorch-ignite", "nibabel", "pydicom", "einops", "mlflow")
-#: checkpoint keys kept in ``models/model.pt`` besides the weights
-_KEPT_KEYS = ("network", "settings", "epoch", "best_metric", "best_epoch")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -117,31 +114,6 @@ def _knob(config: Path, key: str, default: Any) -> Any:
     return default if isinstance(value, str) and value.startswith(("$", "%", "@")) else value
 
 
-def bundle_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``models/model.pt`` content of a training checkpoint: weights and the settings that rebuild the network.
-
-    Args:
-        ckpt: a bundle training checkpoint (``pipelines.engine.load_checkpoint``).
-
-    Returns:
-        ``{"model": state_dict, "network": {...}, "settings": {...}, "epoch", "best_metric", "best_epoch"}`` (the
-        last three when recorded); optimizer, scheduler, distiller and trainer state are dropped.
-
-    Raises:
-        ValueError: the checkpoint has no ``settings.network_name`` (not written by a ctdistill bundle).
-    """
-    settings = dict(ckpt.get("settings") or {})
-    if "network_name" not in settings:
-        raise ValueError("the checkpoint lacks settings.network_name; it was not written by a ctdistill bundle.")
-    out: dict[str, Any] = {"model": dict(ckpt["model"])}
-    for key in _KEPT_KEYS:
-        if ckpt.get(key) is not None:
-            out[key] = ckpt[key]
-    out.setdefault("network", {"name": settings["network_name"], **dict(settings.get("network_kwargs") or {})})
-    out["settings"] = settings
-    return out
-
-
 def _version(package: str) -> str:
     try:
         return importlib_metadata.version(package)
@@ -164,7 +136,7 @@ def bundle_metadata(
     Args:
         role_metadata: ``bundles/<role>/configs/metadata.json``.
         network: the rebuilt network (``in_channels``, ``out_channels``).
-        checkpoint: the ``models/model.pt`` content (:func:`bundle_checkpoint`).
+        checkpoint: the ``models/model.pt`` content (:func:`pipelines.engine.checkpoint.release_checkpoint`).
         name: bundle name.
         version: bundle version.
         key_metric: the validation metric that selected the checkpoint (``best_metric``).
@@ -506,7 +478,7 @@ def export_bundle(
         pipelines.engine.BundleInputError: a missing or unloadable checkpoint.
     """
     from pipelines.engine.atomic import atomic_write
-    from pipelines.engine.checkpoint import load_checkpoint, network_from_checkpoint
+    from pipelines.engine.checkpoint import load_checkpoint, network_from_checkpoint, release_checkpoint
     from pipelines.engine.tracking import file_sha256
 
     bundles_dir, out = Path(bundles_dir or BUNDLES_DIR), Path(out)
@@ -523,7 +495,7 @@ def export_bundle(
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
     role_configs = bundles_dir / role / "configs"
     ckpt = load_checkpoint(checkpoint)
-    weights = bundle_checkpoint(ckpt)
+    weights = release_checkpoint(ckpt)
     trained_by = weights["settings"].get("role")
     if trained_by and trained_by != role:
         raise ValueError(f"{checkpoint} was trained by the {trained_by!r} role, not {role!r}; export it as {trained_by}.")

@@ -39,6 +39,7 @@ from pipelines.engine.checkpoint import (
     load_checkpoint,
     load_torch_file,
     network_from_checkpoint,
+    release_checkpoint,
     sidecar,
 )
 from pipelines.engine.curves import (
@@ -194,6 +195,7 @@ __all__ = [
     "atomic_torch_save",
     "load_torch_file",
     "load_checkpoint",
+    "release_checkpoint",
     "checkpoint_settings",
     "checkpoint_run_id",
     "RUN_ID_FILE",

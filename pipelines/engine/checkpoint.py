@@ -35,6 +35,8 @@ __all__ = [
     "atomic_torch_save",
     "load_torch_file",
     "load_checkpoint",
+    "release_checkpoint",
+    "RELEASE_KEYS",
     "checkpoint_settings",
     "checkpoint_run_id",
     "network_from_checkpoint",
@@ -361,6 +363,35 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise BundleInputError(f"{p} is not a ctdistill bundle checkpoint (no 'model' weights).")
     return ckpt
+
+
+#: checkpoint keys kept in a released checkpoint besides the weights
+RELEASE_KEYS: tuple[str, ...] = ("network", "settings", "epoch", "best_metric", "best_epoch")
+
+
+def release_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The released form of a training checkpoint (a zoo bundle's ``models/model.pt``): weights + the network settings.
+
+    Args:
+        ckpt: a bundle training checkpoint (``pipelines.engine.load_checkpoint``).
+
+    Returns:
+        ``{"model": state_dict, "network": {...}, "settings": {...}, "epoch", "best_metric", "best_epoch"}`` (the
+        last three when recorded); optimizer, scheduler, distiller and trainer state are dropped.
+
+    Raises:
+        ValueError: the checkpoint has no ``settings.network_name`` (not written by a ctdistill bundle).
+    """
+    settings = dict(ckpt.get("settings") or {})
+    if "network_name" not in settings:
+        raise ValueError("the checkpoint lacks settings.network_name; it was not written by a ctdistill bundle.")
+    out: dict[str, Any] = {"model": dict(ckpt["model"])}
+    for key in RELEASE_KEYS:
+        if ckpt.get(key) is not None:
+            out[key] = ckpt[key]
+    out.setdefault("network", {"name": settings["network_name"], **dict(settings.get("network_kwargs") or {})})
+    out["settings"] = settings
+    return out
 
 
 def checkpoint_settings(path: str | os.PathLike) -> dict[str, Any]:

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import networks
+from pipelines.engine.checkpoint import release_checkpoint
 from pipelines.export_bundle import (
     BUNDLES_DIR,
     SCHEMA_FILE,
-    bundle_checkpoint,
     export_bundle,
     export_onnx,
     export_torchscript,
@@ -140,11 +140,11 @@ def test_other_roles_and_3d_export_and_verify(role, network, kwargs, preprocessi
 def test_bundle_checkpoint_drops_training_state(exported):
     ckpt = torch.load(exported[0], map_location="cpu", weights_only=True)
     assert all(k in ckpt for k in TRAINING_STATE)
-    kept = bundle_checkpoint(ckpt)
+    kept = release_checkpoint(ckpt)
     assert not any(k in kept for k in TRAINING_STATE)
     assert kept["settings"]["network_kwargs"] == STUDENT_KW
     with pytest.raises(ValueError, match="network_name"):
-        bundle_checkpoint({"model": {}, "settings": {}})
+        release_checkpoint({"model": {}, "settings": {}})
 
 
 def test_verify_metadata_and_net_in_out_offline(exported, tmp_path):
