@@ -40,6 +40,7 @@ __all__ = [
     "checkpoint_settings",
     "checkpoint_run_id",
     "network_from_checkpoint",
+    "init_from_checkpoint",
     "RUN_ID_FILE",
     "sidecar",
     "checkpoint_bytes",
@@ -436,6 +437,51 @@ def network_from_checkpoint(path: str | os.PathLike, device: str | torch.device 
     net = networks.create(s["network_name"], **dict(s.get("network_kwargs") or {}))
     net.load_state_dict(ckpt["model"])
     return net.to(device).eval()
+
+
+def init_from_checkpoint(network: torch.nn.Module, path: str | os.PathLike | None) -> torch.nn.Module:
+    """Start training from released weights (``--init_checkpoint``): load a checkpoint's weights into ``network``.
+
+    Accepts a bundle checkpoint (``best.pt``/``last.pt``), an exported bundle's ``models/model.pt`` or a plain state
+    dict, loaded weights only. Loading is strict: the role's network (name, widths, channels) must be the one the
+    weights were trained with. Optimizer, scheduler and epoch start fresh (``--resume true`` continues a run instead).
+
+    Args:
+        network: the freshly built network (``networks.create``).
+        path: the weights file; ``""``/None leaves ``network`` as built.
+
+    Returns:
+        ``network`` with the weights loaded.
+
+    Raises:
+        BundleInputError: a missing or unloadable file, a file without weights, or weights that do not fit the
+            network (the message names the file, the mismatched keys and the knobs to fix).
+    """
+    if path is None or str(path).strip() in ("", "None", "null"):
+        return network
+    p = Path(path)
+    if not p.is_file():
+        raise BundleInputError(f"--init_checkpoint {p} does not exist; pass a trained best.pt or an exported models/model.pt.")
+    obj = load_torch_file(p, "init checkpoint")
+    state = obj.get("model", obj.get("state_dict")) if isinstance(obj, Mapping) and ("model" in obj or "state_dict" in obj) else obj
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BundleInputError(f"--init_checkpoint {p} holds no weights (expected a bundle checkpoint or a state dict).")
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        settings = obj.get("settings", {}) if isinstance(obj, Mapping) else {}
+        trained = f" (it was trained as {settings.get('network_name')} with {settings.get('network_kwargs')})" if settings.get("network_name") else ""
+        raise BundleInputError(
+            f"--init_checkpoint {p} does not fit this role's network{trained}: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]}; set "
+            "--network_name/--network_kwargs/--num_slices/--out_channels as the weights were trained."
+        )
+    network.load_state_dict(state, strict=True)
+    logger.info("initialised %s from %s (%d tensors)", type(network).__name__, p, len(state))
+    return network
 
 
 def sidecar(checkpoint: str | os.PathLike, name: str) -> str:

@@ -264,7 +264,8 @@ def preflight(
         True (so it can sit in a bundle's expression list).
 
     Raises:
-        BundleInputError: with every integrity message, or the teacher / memory / disk / tracking-store problem.
+        BundleInputError: with every integrity message, or the teacher / memory / disk / tracking-store problem, or a
+            section with fewer cases than DDP processes (DistributedSampler would fail mid-run).
     """
     in_plane_size, pixdim = optional_knob(in_plane_size), optional_knob(pixdim)
     if output_dir is not None:
@@ -282,6 +283,14 @@ def preflight(
         entries.extend(data.get(s) or [])
     if not entries:
         raise BundleInputError(f"{splits_file} lists no cases in {list(sections)}; check --dataset_dir.")
+    world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    for s in sections if world > 1 else ():
+        n = len(data.get(s) or [])
+        if n < world:
+            raise BundleInputError(
+                f"{splits_file}: the {s!r} section lists {n} case(s) but the run has {world} processes; every rank needs "
+                f"at least one: add cases to {s!r} (--splits_file) or start fewer processes (--nproc_per_node {max(n, 1)})."
+            )
     missing = [str(e[k]) for e in entries for k in ("image", "label") if k in e and not Path(e[k]).exists()]
     if missing:
         raise BundleInputError(f"{len(missing)} files listed in {splits_file} do not exist, e.g. {missing[:3]}.")

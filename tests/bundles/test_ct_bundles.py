@@ -190,6 +190,20 @@ def test_kd_role_without_teacher_stops_before_training(cohort, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_init_checkpoint_of_another_network_stops_before_training(cohort, teacher_run, tmp_path):
+    """--init_checkpoint with the teacher's weights on the student role: one clear error, nothing trained or written."""
+    proc = run_bundle(
+        "training", "bundles/resnet18_student/configs/train.yaml", "--dataset_dir", str(cohort), "--output_dir",
+        str(tmp_path / "out"), "--init_checkpoint", str(teacher_run / "checkpoints" / "best.pt"),
+        "--network_kwargs", TINY_WIDTHS["resnet18_student"], *TINY, expect_ok=False,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    first = next(line for line in log.splitlines() if line.startswith("ERROR"))
+    assert "best.pt does not fit this role's network (it was trained as unetpp_teacher" in first
+    assert not (tmp_path / "out" / "checkpoints" / "last.pt").exists()
+
+
 def test_dataset_dir_without_data_stops(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

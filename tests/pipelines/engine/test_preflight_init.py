@@ -1,0 +1,98 @@
+"""Guard rails of issue 11: preflight refuses fewer cases than DDP ranks; --init_checkpoint loads released weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+import networks
+from pipelines.engine import BundleInputError, init_from_checkpoint, preflight
+from tests.conftest import REPO
+
+TINY = {"features": [4, 8, 16, 32]}
+
+
+def _splits(tmp_path: Path, n_val: int) -> Path:
+    files = []
+    for i in range(2 + n_val):
+        img = tmp_path / f"case_{i}.nii.gz"
+        img.write_bytes(b"x")
+        files.append({"image": str(img), "label": str(img)})
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"training": files[:2], "validation": files[2:]}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "world, n_val, short", [(2, 1, "validation"), (2, 2, None), (3, 2, "training"), (3, 5, "training"), (1, 1, None)]
+)
+def test_preflight_needs_a_case_per_rank(tmp_path, monkeypatch, world, n_val, short):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: world > 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: world)
+    splits = _splits(tmp_path, n_val)
+    if short is None:
+        assert preflight(str(splits), role="r", check_integrity=False)
+        return
+    n = 2 if short == "training" else n_val  # two training cases
+    with pytest.raises(BundleInputError, match=rf"'{short}' section lists {n} case\(s\) but the run has {world} processes"):
+        preflight(str(splits), role="r", check_integrity=False)
+
+
+def _trained(seed: int, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = networks.create("unetpp_teacher", spatial_dims=2, in_channels=3, out_channels=3, **kwargs)
+    for p in net.parameters():  # weights unlike any fresh initialisation
+        p.data.uniform_(-1, 1)
+    return net
+
+
+@pytest.mark.parametrize("form", ["bundle", "state_dict", "ddp_state_dict"])
+def test_init_from_checkpoint_loads_every_weight(tmp_path, form):
+    src = _trained(1, features=TINY["features"])
+    state = src.state_dict()
+    obj = {
+        "bundle": {"model": state, "settings": {"network_name": "unetpp_teacher"}},
+        "state_dict": state,
+        "ddp_state_dict": {f"module.{k}": v for k, v in state.items()},
+    }[form]
+    path = tmp_path / "w.pt"
+    torch.save(obj, path)
+    fresh = networks.create("unetpp_teacher", spatial_dims=2, in_channels=3, out_channels=3, features=TINY["features"])
+    out = init_from_checkpoint(fresh, str(path))
+    assert out is fresh
+    for k, v in state.items():
+        assert torch.equal(out.state_dict()[k], v), k
+
+
+def test_init_from_checkpoint_errors_name_the_file(tmp_path):
+    net = networks.create("unetpp_teacher", spatial_dims=2, in_channels=3, out_channels=3, features=TINY["features"])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert init_from_checkpoint(net, "") is net and init_from_checkpoint(net, None) is net
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(BundleInputError, match="missing.pt does not exist"):
+        init_from_checkpoint(net, tmp_path / "missing.pt")
+    wide = tmp_path / "wide.pt"
+    torch.save({"model": _trained(0, features=[8, 16, 32, 64]).state_dict(), "settings": {"network_name": "unetpp_teacher", "network_kwargs": {"features": [8, 16, 32, 64]}}}, wide)
+    with pytest.raises(BundleInputError, match=r"wide.pt does not fit this role's network \(it was trained as unetpp_teacher"):
+        init_from_checkpoint(net, wide)
+    junk = tmp_path / "junk.pt"
+    torch.save({"epoch": 3}, junk)
+    with pytest.raises(BundleInputError, match="junk.pt holds no weights"):
+        init_from_checkpoint(net, junk)
+
+
+def test_bundle_knob_reaches_the_network(tmp_path):
+    """The generated teacher config builds its network from --init_checkpoint (resolved in-process, no training)."""
+    src = _trained(2, features=TINY["features"], deep_supervision=True)
+    path = tmp_path / "best.pt"
+    torch.save({"model": src.state_dict()}, path)
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "unetpp_teacher" / "configs" / "train.yaml"))
+    parser.update({"init_checkpoint": str(path), "network_kwargs": dict(TINY), "device": "$torch.device('cpu')"})
+    net = parser.get_parsed_content("network_def")
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in src.state_dict().items())
+    assert parser.get_parsed_content("settings")["init_checkpoint"] == str(path)
