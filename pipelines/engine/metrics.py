@@ -21,10 +21,11 @@ import csv
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from monai.handlers import IgniteMetricHandler, MetricsSaver, from_engine
 from monai.metrics import CumulativeIterationMetric
@@ -247,24 +248,34 @@ def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Seque
     return atomic_write(path, write)
 
 
-def summarize_cases(values: dict[str, np.ndarray]) -> list[list[object]]:
-    """Rows ``[column, mean, std, median, n, n_undefined]`` over the defined (non-NaN) values of each column.
+def summarize_cases(values: Mapping[str, np.ndarray]) -> list[list[object]]:
+    """Rows ``[column, mean, std, median, n, n_undefined]`` over the defined (non-NaN) values of each column (pandas).
 
     Args:
         values: ``{column: (N,) array}``.
 
     Returns:
         one row per column; ``std`` is the population std (ddof 0); mean/std/median are NaN when ``n`` is 0.
+
+    Raises:
+        ValueError: columns of different lengths (one value per case in every column).
     """
-    rows: list[list[object]] = []
-    for name, v in values.items():
-        v = np.asarray(v, dtype=np.float64)
-        ok = v[~np.isnan(v)]
-        if ok.size:
-            rows.append([name, float(ok.mean()), float(ok.std()), float(np.median(ok)), int(ok.size), int(v.size - ok.size)])
-        else:
-            rows.append([name, math.nan, math.nan, math.nan, 0, int(v.size)])
-    return rows
+    if not values:
+        return []
+    lengths = {name: len(np.atleast_1d(v)) for name, v in values.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"every column needs one value per case; lengths {lengths}")
+    frame = pd.concat({name: pd.Series(np.atleast_1d(np.asarray(v, dtype=np.float64))) for name, v in values.items()}, axis=1)
+    table = pd.DataFrame(
+        {
+            "mean": frame.mean(),
+            "std": frame.std(ddof=0),
+            "median": frame.median(),
+            "n": frame.count(),
+            "n_undefined": frame.isna().sum(),
+        }
+    )
+    return [[name, *(float(x) for x in row[:3]), int(row["n"]), int(row["n_undefined"])] for name, row in table.iterrows()]
 
 
 class CaseMetricsSaver(MetricsSaver):
