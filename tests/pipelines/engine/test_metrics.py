@@ -169,3 +169,23 @@ def test_case_metrics_saver_through_ignite(tmp_path):
     assert float(summ["rvd_tumor"]["median"]) == pytest.approx(np.median(ok))
     # the engine's aggregated metric excludes the undefined case too
     assert engine.state.metrics["rvd_tumor"] == pytest.approx(ok.mean(), abs=1e-5)
+
+
+def test_summarize_cases_against_numpy():
+    import math
+
+    import numpy as np
+    import pytest
+
+    from pipelines.engine.metrics import summarize_cases
+
+    dsc = np.array([0.5, 0.25, 1.0, 0.0])
+    rvd = np.array([0.1, np.nan, -0.3, np.nan])
+    empty = np.array([np.nan] * 4)
+    rows = {r[0]: r[1:] for r in summarize_cases({"dsc": dsc, "rvd": rvd, "none": empty})}
+    assert rows["dsc"] == pytest.approx([0.4375, np.std(dsc), 0.375, 4, 0])
+    assert rows["rvd"][:3] == pytest.approx([-0.1, 0.2, -0.1]) and rows["rvd"][3:] == [2, 2]
+    assert all(math.isnan(x) for x in rows["none"][:3]) and rows["none"][3:] == [0, 4]
+    assert summarize_cases({}) == []
+    with pytest.raises(ValueError, match="one value per case"):
+        summarize_cases({"a": np.zeros(2), "b": np.zeros(3)})
