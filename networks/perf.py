@@ -4,8 +4,9 @@ What each knob does, and where it is on by default (measured with ``python -m pi
 
 - ``channels_last`` (NHWC, ``channels_last_3d`` for 3D networks): cuDNN's tensor-core convolutions run natively in
   it (issue 10: the paper teacher's train step on an H200 went from 124 to 212 slices/s), and on this project's
-  2-core CPU (oneDNN, AVX-512) the demo-size 2.5D train steps were faster with it too (student 1.2-1.9x, UNet++
-  teacher 1.2-1.4x; README "Speed"), so ``"auto"`` enables it on every device. ``"off"`` restores NCHW.
+  2-core CPU (oneDNN, AVX-512) the demo-size 2.5D train steps were faster with it too (paired A/B, batch 8 at
+  64x64: student x1.26, UNet++ teacher x1.27; README "Speed"), so ``"auto"`` enables it on every device. ``"off"``
+  restores NCHW.
 - autocast dtype: ``"auto"`` is bfloat16 on a GPU that supports it, float16 on an older GPU, and off on CPU (CPU
   bfloat16 autocast is slower than float32 without AMX and changes the numbers); ``"bf16"``/``"fp16"`` force it.
 - ``compile``: ``nn.Module.compile`` (in place, so ``state_dict`` keys stay unprefixed and checkpoints load into a

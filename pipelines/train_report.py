@@ -435,23 +435,29 @@ def _time_inference(
 
 
 def _device_loader(parser: Any, bundle: str, device: torch.device) -> tuple[Any, float] | None:
-    """The device-resident 2.5D loader (``transforms.device_path``) with the bundle's knobs and its caching time, or
-    None where the path does not apply (the polyp role, 3D)."""
+    """The device-resident loader with the bundle's knobs and its caching time: 2.5D slabs
+    (``transforms.build_device_train_loader``) or polyp images (``transforms.build_device_image_loader``); None for 3D."""
     from pipelines.engine import load_split
-    from transforms.device_path import build_device_train_loader
+    from transforms import build_device_image_loader, build_device_train_loader
 
-    if bundle == "transfuse_polyp" or int(parser.get_parsed_content("spatial_dims")) != 2:
-        return None
+    def knob(key: str) -> Any:
+        return parser.get_parsed_content(key)
+
     t0 = time.perf_counter()
-    loader = build_device_train_loader(
-        load_split(parser.get_parsed_content("splits"), "training"),
-        parser.get_parsed_content("preprocessing"),
-        batch_size=int(parser.get_parsed_content("batch_size")),
-        samples_per_volume=int(parser.get_parsed_content("samples_per_volume")),
-        tumor_share=float(parser.get_parsed_content("tumor_share")),
-        device=device,
-        seed=int(parser.get_parsed_content("seed")),
-    )
+    datalist = load_split(knob("splits"), "training")
+    common = {"batch_size": int(knob("batch_size")), "device": device, "seed": int(knob("seed"))}
+    if bundle == "transfuse_polyp":
+        loader = build_device_image_loader(datalist, knob("train_transforms"), **common)
+    elif int(knob("spatial_dims")) == 2:
+        loader = build_device_train_loader(
+            datalist,
+            knob("preprocessing"),
+            samples_per_volume=int(knob("samples_per_volume")),
+            tumor_share=float(knob("tumor_share")),
+            **common,
+        )
+    else:
+        return None
     return loader, time.perf_counter() - t0
 
 
@@ -558,7 +564,7 @@ def train_report(cfg: TrainReportConfig) -> dict[str, Any]:
         if device_path is not None:
             loaders["device"] = device_path[0]
         elif cfg.data_path == "device":
-            raise ValueError(f"the device data path is not available for {bundle} (2.5D CT roles only).")
+            raise ValueError(f"the device data path is not available for {bundle} in 3D (2.5D and polyp only).")
         used = _data_path(cfg.data_path, device, "device" in loaders)
         out_channels = int(getattr(parsed["network"], "out_channels", 2))
         batches = _random_batches(example, out_channels, device, cfg.warmup + cfg.steps, channels_last)
