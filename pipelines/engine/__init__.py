@@ -81,8 +81,10 @@ from pipelines.engine.inference import (
     previous_outputs,
 )
 from pipelines.engine.inferers import (
+    SliceBatchInferer,
     make_inferer,
     simple_inferer,
+    slab_indices,
 )
 from pipelines.engine.knobs import (
     MONAI_RUN_ARGS,
@@ -220,8 +222,10 @@ __all__ = [
     "check_free_disk",
     "check_teacher_checkpoint",
     "kd_weights",
+    "SliceBatchInferer",
     "make_inferer",
     "simple_inferer",
+    "slab_indices",
     "REGIONS",
     "KINDS",
     "CASE_COLUMNS",
