@@ -93,13 +93,13 @@ def test_random_pipelines_and_bad_shapes_are_refused():
 POLYP_WIRING = """
 use_device_path: "$transforms.resolve_data_path(@data_path, 2, @device) == 'device'"
 train_dataset: "$None if @use_device_path else pipelines.engine.build_dataset(pipelines.engine.load_split(@splits, 'training'), @train_transforms, cache_rate=@cache_rate, num_workers=@num_workers)"
-train_loader: "$transforms.build_device_image_loader(pipelines.engine.load_split(@splits, 'training'), @train_transforms, batch_size=@batch_size, device=@device, seed=@seed) if @use_device_path else monai.data.ThreadDataLoader(@train_dataset, batch_size=@batch_size, shuffle=@train_sampler is None, sampler=@train_sampler, num_workers=@num_workers)"
+train_loader: "$transforms.build_device_image_loader(pipelines.engine.load_split(@splits, 'training'), @train_transforms, batch_size=@batch_size, device=@device, seed=@seed, num_workers=@num_workers) if @use_device_path else monai.data.DataLoader(@train_dataset, batch_size=@batch_size, shuffle=@train_sampler is None, sampler=@train_sampler, num_workers=@num_workers)"
 data_handlers: "$[@train_loader] if @use_device_path else []"
 """
 
 
 def test_polyp_wiring_and_multiscale_training_on_device_batches(tmp_path):
-    from monai.data import ThreadDataLoader
+    from monai.data import DataLoader
     from monai.engines import SupervisedTrainer
     from PIL import Image
 
@@ -121,10 +121,10 @@ def test_polyp_wiring_and_multiscale_training_on_device_batches(tmp_path):
         )
         loaders[data_path] = parser.get_parsed_content("train_loader")
     device, old = loaders["device"], loaders["loader"]
-    assert isinstance(device, DeviceImageLoader) and isinstance(old, ThreadDataLoader)
+    assert isinstance(device, DeviceImageLoader) and type(old) is DataLoader
     assert len(device) == len(old) == 3
     # the cached tensors equal the loader path's preprocessing (float16 rounding)
-    ref = next(iter(ThreadDataLoader(old.dataset, batch_size=5, shuffle=False)))
+    ref = next(iter(DataLoader(old.dataset, batch_size=5, shuffle=False)))
     np.testing.assert_allclose(device.images.float().numpy(), ref["image"].numpy(), atol=2e-3)
     np.testing.assert_array_equal(device.labels.float().numpy(), ref["label"].numpy())
 

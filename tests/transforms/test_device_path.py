@@ -268,7 +268,7 @@ def test_data_path_selection_and_validation(cohort):
 WIRING = """
 use_device_path: "$transforms.resolve_data_path(@data_path, @spatial_dims, @device) == 'device'"
 train_dataset: "$None if @use_device_path else pipelines.engine.build_dataset(pipelines.engine.load_split(@splits, 'training'), @train_transforms, cache_rate=@cache_rate, num_workers=@num_workers)"
-train_loader: "$transforms.build_device_train_loader(pipelines.engine.load_split(@splits, 'training'), @preprocessing, batch_size=@batch_size, samples_per_volume=@samples_per_volume, tumor_share=@tumor_share, device=@device, seed=@seed) if @use_device_path else monai.data.ThreadDataLoader(@train_dataset, batch_size=pipelines.engine.volumes_per_batch(@batch_size, @samples_per_volume), shuffle=@train_sampler is None, sampler=@train_sampler, num_workers=@num_workers)"
+train_loader: "$transforms.build_device_train_loader(pipelines.engine.load_split(@splits, 'training'), @preprocessing, batch_size=@batch_size, samples_per_volume=@samples_per_volume, tumor_share=@tumor_share, device=@device, seed=@seed, num_workers=@num_workers) if @use_device_path else monai.data.DataLoader(@train_dataset, batch_size=pipelines.engine.volumes_per_batch(@batch_size, @samples_per_volume), shuffle=@train_sampler is None, sampler=@train_sampler, num_workers=@num_workers)"
 data_handlers: "$[@train_loader] if @use_device_path else []"
 """
 # multi_gpu_train.yaml: no DistributedSampler over a dataset the device path never builds
@@ -287,7 +287,7 @@ def _wired_config(cohort, tmp_path, data_path: str, ddp: bool = False):
 
 
 def test_bundle_wiring_builds_the_device_path_without_the_cache_dataset(cohort, tmp_path):
-    from monai.data import ThreadDataLoader
+    from monai.data import DataLoader
 
     device = _wired_config(cohort, tmp_path, "device")
     loader = device.get_parsed_content("train_loader")
@@ -295,12 +295,12 @@ def test_bundle_wiring_builds_the_device_path_without_the_cache_dataset(cohort, 
     assert device.get_parsed_content("data_handlers") == [loader]
     loader_path = _wired_config(cohort, tmp_path, "loader")
     old = loader_path.get_parsed_content("train_loader")
-    assert isinstance(old, ThreadDataLoader) and loader_path.get_parsed_content("data_handlers") == []
+    assert type(old) is DataLoader and loader_path.get_parsed_content("data_handlers") == []
     assert len(loader) == len(old) == 3  # the same steps per epoch for the same knobs
     batch = next(iter(old))
     assert batch["image"].shape == next(iter(loader))["image"].shape == (8, 5, H, W)
     auto_on_cpu = _wired_config(cohort, tmp_path, "auto")
-    assert isinstance(auto_on_cpu.get_parsed_content("train_loader"), ThreadDataLoader)
+    assert isinstance(auto_on_cpu.get_parsed_content("train_loader"), DataLoader)
     ddp = _wired_config(cohort, tmp_path, "device", ddp=True)
     assert ddp.get_parsed_content("train_sampler") is None and isinstance(
         ddp.get_parsed_content("train_loader"), DeviceSlabLoader
