@@ -256,7 +256,7 @@ class MultiScaleIteration:
                 x, y = images, labels
             engine.optimizer.zero_grad(set_to_none=True)
             if getattr(engine, "amp", False) and engine.scaler is not None:
-                with torch.autocast("cuda"):
+                with torch.autocast("cuda", **getattr(engine, "amp_kwargs", {})):
                     pred = engine.inferer(x, engine.network)
                     loss = engine.loss_function(pred, y).mean()
                 engine.scaler.scale(loss).backward()
