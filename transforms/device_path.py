@@ -325,7 +325,7 @@ class DeviceSlabLoader(DeviceBatchLoader):
         rank: DDP rank (part of the seed).
 
     Raises:
-        ValueError: bad k, counts or shares.
+        ValueError: bad k, counts or shares, or a volume without any voxel of the indexed classes.
     """
 
     def __init__(
@@ -363,6 +363,9 @@ class DeviceSlabLoader(DeviceBatchLoader):
         ratios = torch.tensor(class_ratios(tumor_share, organ_share, max(3, cache.num_classes)), dtype=torch.float64)
         ratios = ratios[: cache.num_classes].to(self.device)
         present = (cache.class_counts > 0).to(torch.float64)
+        if bool((present.sum(1) == 0).any()):
+            bad = [cache.names[i] for i in (present.sum(1) == 0).nonzero().flatten().tolist()]
+            raise ValueError(f"no voxel of the classes 0..{cache.num_classes - 1} in the labels of {bad}")
         probs = ratios * present
         empty = probs.sum(1) == 0  # every wanted class absent: fall back to the present classes, uniformly
         if bool(empty.any()):

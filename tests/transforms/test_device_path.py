@@ -305,3 +305,10 @@ def test_bundle_wiring_builds_the_device_path_without_the_cache_dataset(cohort, 
     assert ddp.get_parsed_content("train_sampler") is None and isinstance(
         ddp.get_parsed_content("train_loader"), DeviceSlabLoader
     )
+
+
+def test_a_volume_without_indexed_classes_is_refused(cohort):
+    cache = cache_volumes(cohort[:2], PRE, device="cpu")
+    cache.class_counts[1] = 0  # as if volume 1's labels held only values >= num_classes
+    with pytest.raises(ValueError, match="case1_image"):
+        _loader(cache)
