@@ -29,6 +29,7 @@ from pipelines.engine.atomic import (
     remove_stale_temps,
     same_bytes,
 )
+from pipelines.engine.case_dataset import CaseDataset, case_read_error, reading_case
 from pipelines.engine.checkpoint import (
     RUN_ID_FILE,
     TrainCheckpointer,
@@ -198,6 +199,9 @@ __all__ = [
     "atomic_torch_save",
     "load_torch_file",
     "load_checkpoint",
+    "CaseDataset",
+    "case_read_error",
+    "reading_case",
     "init_from_checkpoint",
     "release_checkpoint",
     "checkpoint_settings",

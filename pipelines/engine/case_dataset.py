@@ -26,7 +26,7 @@ from nibabel.filebasedimages import ImageFileError
 
 from pipelines.engine.errors import BundleInputError
 
-__all__ = ["CaseDataset", "case_read_error", "reading", "CHECK_DATASET_HINT"]
+__all__ = ["CaseDataset", "case_read_error", "reading_case", "CHECK_DATASET_HINT"]
 
 #: what a user does about an unreadable case
 CHECK_DATASET_HINT = (
@@ -99,7 +99,7 @@ def case_read_error(item: Mapping[str, Any], exc: BaseException) -> BundleInputE
 
 
 @contextmanager
-def reading(item: Mapping[str, Any]) -> Iterator[None]:
+def reading_case(item: Mapping[str, Any]) -> Iterator[None]:
     """Context in which ``item`` is loaded: a read failure leaves it as :func:`case_read_error`, others unchanged.
 
     Raises:
@@ -125,9 +125,9 @@ class CaseDataset(CacheDataset):
     """
 
     def _load_cache_item(self, idx: int) -> Any:
-        with reading(self.data[idx]):
+        with reading_case(self.data[idx]):
             return super()._load_cache_item(idx)
 
     def _transform(self, index: int) -> Any:
-        with reading(self.data[index]):
+        with reading_case(self.data[index]):
             return super()._transform(index)

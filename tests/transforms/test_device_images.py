@@ -91,7 +91,7 @@ def test_random_pipelines_and_bad_shapes_are_refused():
 
 # ---------------------------------------------------------------------- the polyp bundle's wiring (YAML for the lead)
 POLYP_WIRING = """
-use_device_path: "$transforms.resolve_data_path(@data_path, 2, @device) == 'device'"
+use_device_path: "$transforms.resolve_data_path(@data_path, 2, @device, @cache_rate) == 'device'"
 train_dataset: "$None if @use_device_path else pipelines.engine.build_dataset(pipelines.engine.load_split(@splits, 'training'), @train_transforms, cache_rate=@cache_rate, num_workers=@num_workers)"
 train_loader: "$transforms.build_device_image_loader(pipelines.engine.load_split(@splits, 'training'), @train_transforms, batch_size=@batch_size, device=@device, seed=@seed, num_workers=@num_workers) if @use_device_path else monai.data.DataLoader(@train_dataset, batch_size=@batch_size, shuffle=@train_sampler is None, sampler=@train_sampler, num_workers=@num_workers)"
 data_handlers: "$[@train_loader] if @use_device_path else []"

@@ -245,9 +245,10 @@ def test_trainer_consumes_the_loader_and_attach_ties_seeds_to_its_epochs(cache):
 
 
 def test_data_path_selection_and_validation(cohort):
-    assert resolve_data_path("auto", 2, "cpu") == "loader"
-    assert resolve_data_path("auto", 2, torch.device("cuda")) == "device"
-    assert resolve_data_path("auto", 3, torch.device("cuda")) == "loader"
+    assert resolve_data_path("auto", 2, "cpu") == "device"  # the whole training set cached: the device path
+    assert resolve_data_path("auto", 2, "cpu", cache_rate=0.5) == "loader"  # a partial cache keeps the loader
+    assert resolve_data_path("auto", 3, "cpu") == "loader"
+    assert resolve_data_path("loader", 2, "cpu") == "loader"
     assert resolve_data_path("device", 2, "cpu") == "device"
     with pytest.raises(ValueError, match="auto"):
         resolve_data_path("gpu", 2, "cpu")
@@ -266,9 +267,9 @@ def test_data_path_selection_and_validation(cohort):
 # ------------------------------------------------------------------------------------- bundle wiring (the YAML the
 # base train config receives; the test parses exactly these sections with MONAI's ConfigParser)
 WIRING = """
-use_device_path: "$transforms.resolve_data_path(@data_path, @spatial_dims, @device) == 'device'"
+use_device_path: "$transforms.resolve_data_path(@data_path, @spatial_dims, @device, @cache_rate) == 'device'"
 train_dataset: "$None if @use_device_path else pipelines.engine.build_dataset(pipelines.engine.load_split(@splits, 'training'), @train_transforms, cache_rate=@cache_rate, num_workers=@num_workers)"
-train_loader: "$transforms.build_device_train_loader(pipelines.engine.load_split(@splits, 'training'), @preprocessing, batch_size=@batch_size, samples_per_volume=@samples_per_volume, tumor_share=@tumor_share, device=@device, seed=@seed, num_workers=@num_workers) if @use_device_path else monai.data.DataLoader(@train_dataset, batch_size=pipelines.engine.volumes_per_batch(@batch_size, @samples_per_volume), shuffle=@train_sampler is None, sampler=@train_sampler, num_workers=@num_workers)"
+train_loader: "$transforms.build_device_train_loader(pipelines.engine.load_split(@splits, 'training'), @preprocessing, batch_size=@batch_size, samples_per_volume=@samples_per_volume, tumor_share=@tumor_share, device=@device, seed=@seed, num_workers=@num_workers, load_context=pipelines.engine.reading_case) if @use_device_path else monai.data.DataLoader(@train_dataset, batch_size=pipelines.engine.volumes_per_batch(@batch_size, @samples_per_volume), shuffle=@train_sampler is None, sampler=@train_sampler, num_workers=@num_workers)"
 data_handlers: "$[@train_loader] if @use_device_path else []"
 """
 # multi_gpu_train.yaml: no DistributedSampler over a dataset the device path never builds
@@ -299,8 +300,11 @@ def test_bundle_wiring_builds_the_device_path_without_the_cache_dataset(cohort, 
     assert len(loader) == len(old) == 3  # the same steps per epoch for the same knobs
     batch = next(iter(old))
     assert batch["image"].shape == next(iter(loader))["image"].shape == (8, 5, H, W)
-    auto_on_cpu = _wired_config(cohort, tmp_path, "auto")
-    assert isinstance(auto_on_cpu.get_parsed_content("train_loader"), DataLoader)
+    auto_on_cpu = _wired_config(cohort, tmp_path, "auto")  # cache_rate 1: the device path on CPU too
+    assert isinstance(auto_on_cpu.get_parsed_content("train_loader"), DeviceSlabLoader)
+    partial = _wired_config(cohort, tmp_path, "auto")
+    partial.update({"cache_rate": 0.5})
+    assert isinstance(partial.get_parsed_content("train_loader"), DataLoader)
     ddp = _wired_config(cohort, tmp_path, "device", ddp=True)
     assert ddp.get_parsed_content("train_sampler") is None and isinstance(
         ddp.get_parsed_content("train_loader"), DeviceSlabLoader
