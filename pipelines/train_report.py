@@ -122,7 +122,8 @@ class TrainReportConfig:
         amp_dtype: ``networks.perf`` autocast knob (``"auto"``, ``"bf16"``, ``"fp16"``, ``"off"``); MONAI's trainer
             autocasts on CUDA only.
         data_path: the loader of the end-to-end phase: ``"loader"`` (the bundle's ``train_loader``), ``"device"``
-            (``transforms.device_path``, 2.5D CT roles) or ``"auto"`` (the device path on CUDA, else the loader). The
+            (``transforms.device_path``, 2.5D CT roles) or ``"auto"`` (the device path where the role has one, as the
+            bundles' ``data_path auto`` with ``cache_rate`` 1). The
             device path's rate is measured too unless ``"loader"``.
         repeats: measure every phase this many times (interleaved) and report the median run (>= 1).
         inference: also time whole-volume 2.5D inference of one validation volume (CT roles): the bundle's
@@ -462,9 +463,10 @@ def _device_loader(parser: Any, bundle: str, device: torch.device) -> tuple[Any,
 
 
 def _data_path(requested: str, device: torch.device, have_device_path: bool) -> str:
-    """Which loader feeds the end-to-end phase: ``"device"`` or ``"loader"`` (``"auto"``: the device path on CUDA)."""
+    """Which loader feeds the end-to-end phase: ``"device"`` or ``"loader"`` (``"auto"``: as the bundles choose,
+    the device path wherever the role has one — 2.5D CT and polyp with the whole training set cached)."""
     if requested == "auto":
-        return "device" if have_device_path and device.type == "cuda" else "loader"
+        return "device" if have_device_path else "loader"
     return requested
 
 
@@ -688,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from networks.perf import AMP_DTYPES, CHANNELS_LAST_MODES
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.train_report", description=__doc__.splitlines()[0])
-    parser.add_argument("--role", required=True, choices=[*ROLES, *ROLES.values()])
+    parser.add_argument("--role", required=True, choices=list(dict.fromkeys([*ROLES, *ROLES.values()])))
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset_dir", "--dataset-dir", default=None, help="the dataset the bundle reads")
     source.add_argument("--synthetic", action="store_true", help="measure on a synthetic cohort written to a temp dir")
@@ -709,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (nn.Module.compile)")
     parser.add_argument("--amp-dtype", choices=AMP_DTYPES, default="auto")
     parser.add_argument(
-        "--data-path", choices=DATA_PATHS, default="auto", help="loader of the end-to-end phase (auto: device path on CUDA)"
+        "--data-path", choices=DATA_PATHS, default="auto", help="loader of the end-to-end phase (auto: the device path where the role has one, as the bundles)"
     )
     add_benchmark_args(parser)
     args = parser.parse_args(argv)
