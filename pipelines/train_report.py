@@ -157,6 +157,8 @@ class TrainReportConfig:
 def demo_config(role: str, **changes: Any) -> TrainReportConfig:
     """The sizes of ``pipelines.demo`` (in-plane size, batch, samples per volume, network widths) for a role.
 
+    The TransFuse roles, which the demo does not train, keep TransFuse-S at the demo's sizes.
+
     Args:
         role: a role of :data:`ROLES`.
         changes: other :class:`TrainReportConfig` fields.
@@ -175,7 +177,8 @@ def demo_config(role: str, **changes: Any) -> TrainReportConfig:
         batch_size=d.batch_size,
         cases=d.cases,
         num_workers=0,  # the demo's setting
-        network_kwargs=teacher if bundle == "unetpp_teacher" else student,
+        # the demo trains no TransFuse: its roles keep TransFuse-S (the bundles' default)
+        network_kwargs=teacher if bundle == "unetpp_teacher" else ({} if bundle.startswith("transfuse") else student),
         teacher_kwargs=teacher,
         overrides={"samples_per_volume": d.samples_per_volume},
     )
