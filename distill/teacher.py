@@ -102,6 +102,7 @@ def load_teacher(
         the network (the message lists some of them).
     """
     import networks  # local import: networks is a sibling package built concurrently
+    from networks.weights import state_mismatch
 
     if isinstance(network_name, Mapping):
         network_kwargs = {**{k: v for k, v in network_name.items() if k != "name"}, **network_kwargs}
@@ -116,11 +117,9 @@ def load_teacher(
             f"{', '.join(getattr(networks, 'NETWORKS', ()))})."
         )
     model = networks.create(name, **kwargs)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    missing, unexpected, shapes = state_mismatch(model, state)
     if missing or unexpected or shapes:
+        expected = model.state_dict()
         raise ValueError(
             f"Teacher checkpoint {str(checkpoint_path)!r} does not match network {name!r} with {kwargs}: "
             f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "

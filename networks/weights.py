@@ -33,6 +33,7 @@ __all__ = [
     "LoadReport",
     "Source",
     "read_state_dict",
+    "state_mismatch",
     "adapt_input_channels",
     "load_resnet_weights",
     "load_deit_weights",
@@ -107,6 +108,20 @@ def read_state_dict(source: Source) -> tuple[dict[str, torch.Tensor], str]:
     if not state:
         raise ValueError(f"{name} holds no tensors; is it a weights file?")
     return state, name
+
+
+def state_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """How a state dict fails a strict ``load_state_dict`` into ``model``.
+
+    Returns:
+        ``(missing, unexpected, shapes)``: sorted keys the model has and the state lacks, keys the state has and the
+        model lacks, and shared keys whose shapes differ (all empty when a strict load will succeed).
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    return missing, unexpected, shapes
 
 
 def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:

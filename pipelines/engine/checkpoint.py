@@ -462,15 +462,14 @@ def init_from_checkpoint(network: torch.nn.Module, path: str | os.PathLike | Non
     p = Path(path)
     if not p.is_file():
         raise BundleInputError(f"--init_checkpoint {p} does not exist; pass a trained best.pt or an exported models/model.pt.")
+    from networks.weights import read_state_dict, state_mismatch
+
     obj = load_torch_file(p, "init checkpoint")
-    state = obj.get("model", obj.get("state_dict")) if isinstance(obj, Mapping) and ("model" in obj or "state_dict" in obj) else obj
-    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BundleInputError(f"--init_checkpoint {p} holds no weights (expected a bundle checkpoint or a state dict).")
-    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    try:  # unwraps {"model": ...} / {"state_dict": ...}, strips a DDP "module." prefix
+        state, _ = read_state_dict(obj if isinstance(obj, Mapping) else {})
+    except ValueError as e:
+        raise BundleInputError(f"--init_checkpoint {p} holds no weights (expected a bundle checkpoint or a state dict).") from e
+    missing, unexpected, shapes = state_mismatch(network, state)
     if missing or unexpected or shapes:
         settings = obj.get("settings", {}) if isinstance(obj, Mapping) else {}
         trained = f" (it was trained as {settings.get('network_name')} with {settings.get('network_kwargs')})" if settings.get("network_name") else ""
