@@ -31,14 +31,13 @@ architecture (the speed does not depend on the weights), written as a checkpoint
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,17 +233,6 @@ def _teacher_checkpoint(path: Path, in_channels: int, out_channels: int, kwargs:
     teacher = networks.create("unetpp_teacher", **net_kwargs)
     torch.save({"model": teacher.state_dict(), "network": {"name": "unetpp_teacher", **net_kwargs}, "epoch": 1}, path)
     return path
-
-
-@contextlib.contextmanager
-def _in_repo() -> Iterator[None]:
-    """The bundles' macros are paths relative to the repository root."""
-    here = os.getcwd()
-    os.chdir(_REPO)
-    try:
-        yield
-    finally:
-        os.chdir(here)
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -526,7 +514,7 @@ def train_report(cfg: TrainReportConfig) -> dict[str, Any]:
     channels_last = use_channels_last(device, cfg.channels_last)
     torch.manual_seed(cfg.seed)
     load_avg = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="train_report_") as tmp, _in_repo():
+    with tempfile.TemporaryDirectory(prefix="train_report_") as tmp:
         work = Path(tmp)
         dataset_dir = cfg.dataset_dir
         if cfg.synthetic:
@@ -543,7 +531,7 @@ def train_report(cfg: TrainReportConfig) -> dict[str, Any]:
         knobs = _overrides(cfg, bundle, str(dataset_dir), work)
         knobs["device"] = f"$torch.device({str(device)!r})"
         parser = ConfigParser()
-        parser.read_config(str(Path("bundles") / bundle / "configs" / "train.yaml"))
+        parser.read_config(str(_REPO / "bundles" / bundle / "configs" / "train.yaml"))  # self-contained: any cwd
         if "data_path" in parser:
             knobs["data_path"] = "loader"  # the bundle's CacheDataset + DataLoader; the device path is built below
         if bundle in KD_ROLES:
