@@ -19,6 +19,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Randomizable, Transform
 
+from networks.perf import resolve_device
+
 __all__ = [
     "as_plain",
     "deterministic_head",
@@ -46,13 +48,6 @@ def deterministic_head(transform: Compose) -> Compose:
             break
         ops.append(op)
     return Compose(ops)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a ``torch.device``; None: CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
