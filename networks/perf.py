@@ -40,6 +40,8 @@ __all__ = [
     "memory_format",
     "prepare_network",
     "to_memory_format",
+    "onednn_unsafe_convs",
+    "channels_last_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -152,6 +154,59 @@ def memory_format(spatial_dims: int) -> torch.memory_format:
     raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
 
 
+#: oneDNN's CPU 1x1 convolution backward-weights in channels-last writes past its workspace (segfault, heap
+#: corruption or silently wrong weight gradients) when a strided 1x1 convolution has fewer input channels per group
+#: than its vector block of 8; seen on AVX2 and AVX-512 machines with torch 2.13.0+cpu (issue 19).
+ONEDNN_MIN_CHANNELS = 8
+
+
+def onednn_unsafe_convs(net: nn.Module) -> list[str]:
+    """Module paths of the convolutions that oneDNN's CPU channels-last kernels mishandle.
+
+    Those are strided 1x1 (1x1x1) convolutions with fewer than :data:`ONEDNN_MIN_CHANNELS` input channels per group,
+    e.g. the layer2 downsample of a ResNet18 student with ``base_width`` 4.
+
+    Args:
+        net: any module.
+
+    Returns:
+        the module paths (empty when channels-last is safe for the network on CPU).
+    """
+    unsafe = []
+    for name, m in net.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            continue
+        pointwise = all(int(k) == 1 for k in m.kernel_size)
+        strided = any(int(s) > 1 for s in m.stride)
+        if pointwise and strided and m.in_channels // m.groups < ONEDNN_MIN_CHANNELS:
+            unsafe.append(name or type(m).__name__)
+    return unsafe
+
+
+def channels_last_for(net: nn.Module, device: str | torch.device | None, channels_last: str | bool | None = "auto") -> bool:
+    """Whether ``net`` runs channels-last on ``device``: :func:`use_channels_last`, except on CPU for a network with
+    :func:`onednn_unsafe_convs` (then False, with one warning naming the convolutions).
+
+    Callers that also convert the input batch (a channels-last input makes oneDNN pick channels-last kernels even
+    for a contiguous network) must use this answer, not the knob.
+
+    Raises:
+        ValueError: an unknown knob value, or CUDA requested where none is available.
+    """
+    dev = resolve_device(device)
+    if not use_channels_last(dev, channels_last):
+        return False
+    unsafe = onednn_unsafe_convs(net) if dev.type == "cpu" else []
+    if unsafe:
+        logger.warning(
+            "channels_last disabled for %s on CPU: %d strided 1x1 convolution(s) with fewer than %d input channels "
+            "(%s) hit a oneDNN channels-last bug (crash or wrong weight gradients); widen the network to use it.",
+            type(net).__name__, len(unsafe), ONEDNN_MIN_CHANNELS, ", ".join(unsafe[:3]) + (", ..." if len(unsafe) > 3 else ""),
+        )
+        return False
+    return True
+
+
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A ``(B, C, H, W)`` / ``(B, C, H, W, D)`` batch in channels-last layout when asked (other ranks unchanged)."""
     if not channels_last or x.ndim not in (4, 5):
@@ -187,7 +242,7 @@ def prepare_network(
         raise TypeError(f"prepare_network expects an nn.Module, got {type(net).__name__}.")
     dev = resolve_device(device)
     net.to(dev)
-    if use_channels_last(dev, channels_last):
+    if channels_last_for(net, dev, channels_last):
         net.to(memory_format=memory_format(network_spatial_dims(net)))
     if compile:
         net.compile(**dict(compile_kwargs or {}))

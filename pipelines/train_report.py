@@ -494,7 +494,7 @@ def train_report(cfg: TrainReportConfig) -> dict[str, Any]:
     """
     from monai.bundle import ConfigParser
 
-    from networks.perf import amp_kwargs, autocast_dtype, prepare_network, resolve_device, use_channels_last
+    from networks.perf import amp_kwargs, autocast_dtype, channels_last_for, prepare_network, resolve_device
 
     bundle = bundle_of(cfg.role)
     if cfg.steps < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.batch_size < 1 or cfg.size < 16 or cfg.num_workers < 0:
@@ -511,7 +511,6 @@ def train_report(cfg: TrainReportConfig) -> dict[str, Any]:
     if dtype is not None and device.type != "cuda":
         raise ValueError(f"amp_dtype {cfg.amp_dtype!r} on {device}: MONAI's trainer autocasts on CUDA only; use 'off'.")
     amp = {"amp": dtype is not None, "amp_kwargs": amp_kwargs(device, cfg.amp_dtype)}
-    channels_last = use_channels_last(device, cfg.channels_last)
     torch.manual_seed(cfg.seed)
     load_avg = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="train_report_") as tmp:
@@ -548,6 +547,8 @@ def train_report(cfg: TrainReportConfig) -> dict[str, Any]:
         parsed = {k: parser.get_parsed_content(k) for k in ("network", "optimizer", "loss", "kd_handlers")}
         for key in ("iteration_update", "grad_clipper"):
             parsed[key] = parser.get_parsed_content(key) if key in parser else None
+        # what the network really runs in (off on CPU for widths oneDNN mishandles): the random batches follow it
+        channels_last = channels_last_for(parsed["network"], device, cfg.channels_last)
         prepare_network(parsed["network"], channels_last=channels_last, compile=cfg.compile, device=device)
         teacher = parser.get_parsed_content("teacher") if bundle in KD_ROLES else None
         if teacher is not None:

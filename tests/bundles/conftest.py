@@ -24,9 +24,9 @@ TINY = [
 ]  # fmt: skip
 TINY_WIDTHS = {
     "unetpp_teacher": "{'features': [4, 8, 16, 32]}",
-    "resnet18_student": "{'base_width': 4}",
-    "hlfd": "{'base_width': 4}",
-    "kd_baselines": "{'base_width': 4}",
+    "resnet18_student": "{'base_width': 8}",
+    "hlfd": "{'base_width': 8}",
+    "kd_baselines": "{'base_width': 8}",
     "transfuse_ct": "{'embed_dim': 16, 'depth': 1, 'num_heads': 2, 'cnn_widths': [4, 8, 16], 'cnn_layers': [1, 1, 1], 'decoder_channels': [8, 4], 'head_channels': 4}",
 }
 

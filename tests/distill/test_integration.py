@@ -13,7 +13,7 @@ import networks
 from networks.losses import SegLoss
 
 UNETPP = {"spatial_dims": 2, "in_channels": 3, "out_channels": 2, "features": (4, 8, 8, 16, 16), "deep_supervision": True}
-STUDENT = {"spatial_dims": 2, "in_channels": 3, "out_channels": 2, "base_width": 4}
+STUDENT = {"spatial_dims": 2, "in_channels": 3, "out_channels": 2, "base_width": 8}
 TRANSFUSE = {
     "in_channels": 3, "out_channels": 2, "img_size": 32, "embed_dim": 16, "depth": 1, "num_heads": 2,
     "cnn_widths": (4, 8, 16), "cnn_layers": (1, 1, 1), "decoder_channels": (8, 4), "head_channels": 4,

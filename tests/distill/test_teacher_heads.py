@@ -16,7 +16,7 @@ import networks
 from networks.losses import SegLoss
 
 KW = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "features": (4, 8, 8, 16)}  # 4 levels: heads 1..3
-STUDENT = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_width": 4}
+STUDENT = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_width": 8}
 
 
 def _step_grads(deep_supervision: bool) -> dict[str, torch.Tensor | None]:

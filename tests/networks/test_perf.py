@@ -16,7 +16,7 @@ from networks.perf import (
     use_channels_last,
 )
 
-TINY_STUDENT = {"base_width": 4, "decoder_channels": [8, 8, 4, 4, 4]}
+TINY_STUDENT = {"base_width": 8, "decoder_channels": [16, 8, 8, 8, 8]}
 
 
 def _fake_cuda(monkeypatch, bf16: bool) -> None:
@@ -126,3 +126,58 @@ def test_compile_gives_the_same_outputs_and_plain_state_dict_keys():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+# --- issue 19: oneDNN's CPU channels-last 1x1 strided backward-weights with < 8 input channels -------------------
+_ONEDNN_REPRO = r"""
+import sys, torch
+from torch import nn
+from networks.perf import prepare_network
+torch.set_num_threads(1)
+torch.manual_seed(0)
+x0 = torch.randn(4, 4, 64, 64)
+ref = nn.Conv2d(4, 8, 1, stride=2, bias=False)
+ref(x0.clone().requires_grad_()).square().mean().backward()
+net = nn.Conv2d(4, 8, 1, stride=2, bias=False)
+net.load_state_dict(ref.state_dict())
+prepare_network(net, channels_last="on", device="cpu")  # the product's own decision
+for _ in range(5):
+    net.zero_grad()
+    net(x0.clone().requires_grad_()).square().mean().backward()
+err = (net.weight.grad - ref.weight.grad).abs().max().item()
+print("maxdiff", err, "channels_last", net.weight.is_contiguous(memory_format=torch.channels_last) and not net.weight.is_contiguous())
+sys.exit(0 if err < 1e-6 else 3)
+"""
+
+
+def test_prepare_network_never_runs_the_onednn_channels_last_bug(tmp_path):
+    """The issue's reproduction, through prepare_network, in a subprocess (the bug segfaults or corrupts the heap):
+    it must exit 0 with the weight gradients of the contiguous layout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _ONEDNN_REPRO], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-2000:])
+    assert "channels_last False" in out.stdout
+
+
+def test_onednn_unsafe_convs_names_the_narrow_strided_pointwise_convs(caplog):
+    from networks.perf import channels_last_for, onednn_unsafe_convs
+
+    narrow = networks.create("resnet18_student", spatial_dims=2, in_channels=3, out_channels=3, base_width=4)
+    wide = networks.create("resnet18_student", spatial_dims=2, in_channels=3, out_channels=3, base_width=8)
+    assert any("layer2" in name for name in onednn_unsafe_convs(narrow))
+    assert onednn_unsafe_convs(wide) == []
+    assert onednn_unsafe_convs(nn.Conv3d(4, 8, 1, stride=2)) != []  # 3D too
+    assert onednn_unsafe_convs(nn.Conv2d(4, 8, 3, stride=2)) == []  # not pointwise
+    assert onednn_unsafe_convs(nn.Conv2d(4, 8, 1, stride=1)) == []  # not strided
+    with caplog.at_level("WARNING"):
+        assert channels_last_for(narrow, "cpu", "auto") is False
+    assert "channels_last disabled" in caplog.text and "layer2" in caplog.text
+    assert channels_last_for(wide, "cpu", "auto") is True
+    prepare_network(narrow, channels_last="on", device="cpu")
+    assert all(p.is_contiguous() for p in narrow.parameters())

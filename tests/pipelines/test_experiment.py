@@ -218,7 +218,7 @@ def test_orchestration_equal_protocol_resume_and_reused_teacher(tmp_path, monkey
     _fake_bundles(monkeypatch, calls, crash)
     cfg = ex.preset_config(
         out=tmp_path / "exp", methods=("hinton", "hlfd_ipd"), seeds=(0, 1), cases=6, size=32, epochs=3, teacher_epochs=5,
-        teacher_features=(4, 8, 16, 32), student_base_width=4,
+        teacher_features=(4, 8, 16, 32), student_base_width=8,
     )  # fmt: skip
     with pytest.raises(RuntimeError, match="simulated crash"):
         ex.run_experiment(cfg)
@@ -334,7 +334,7 @@ def test_recipe_knobs_reach_only_their_arms(tmp_path, monkeypatch):
     _fake_bundles(monkeypatch, calls, {})
     cfg = ex.preset_config(
         out=tmp_path.resolve() / "exp", methods=("hinton",), seeds=(0,), cases=6, size=32, epochs=3,
-        teacher_features=(4, 8, 16, 32), student_base_width=4, teacher_warmup_epochs=2, teacher_grad_clip=0.5,
+        teacher_features=(4, 8, 16, 32), student_base_width=8, teacher_warmup_epochs=2, teacher_grad_clip=0.5,
         kd_warmup_epochs=1.5,
     )  # fmt: skip
     ex.run_experiment(cfg)

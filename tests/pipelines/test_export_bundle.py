@@ -32,7 +32,7 @@ from pipelines.export_bundle import (
 from tests.bundles.conftest import TINY, TINY_WIDTHS, cohort, run_bundle  # noqa: F401 (cohort: a fixture)
 from tests.conftest import REPO, subprocess_env
 
-STUDENT_KW = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_width": 4}
+STUDENT_KW = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_width": 8}
 TRAINING_STATE = ("optimizer", "lr_scheduler", "distiller", "trainer", "best_tie_metric", "splits_sha256")
 
 
@@ -121,7 +121,7 @@ TINY_TRANSFUSE = {"embed_dim": 16, "depth": 1, "num_heads": 2, "cnn_widths": [4,
     [
         ("unetpp_teacher", "unetpp_teacher", {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "features": [4, 8, 16, 32]},
          {"spatial_dims": 2, "num_slices": 3, "task": "kits", "in_plane_size": [64, 64], "roi_size": None}, [3, 64, 64], "dsc_tumor"),
-        ("hlfd", "resnet18_student", {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "base_width": 4},
+        ("hlfd", "resnet18_student", {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "base_width": 8},
          {"spatial_dims": 3, "num_slices": 3, "task": "kits", "in_plane_size": None, "roi_size": [64, 64, 32]}, [1, 64, 64, 32], "dsc_tumor"),
         ("transfuse_polyp", "transfuse_s", {"in_channels": 3, "out_channels": 1, **TINY_TRANSFUSE}, {"size": 64}, [3, 64, 64], "mdice"),
     ],
@@ -181,7 +181,7 @@ def test_torchscript_equals_eager(exported, tmp_path):
 @pytest.mark.parametrize(
     "name, kwargs",
     [
-        ("resnet18_student", {"base_width": 4}),
+        ("resnet18_student", {"base_width": 8}),
         ("unetpp_teacher", {"features": [4, 8, 16, 32]}),
         ("transfuse_s", {"embed_dim": 16, "depth": 1, "num_heads": 2, "cnn_widths": [4, 8, 16], "cnn_layers": [1, 1, 1],
                          "decoder_channels": [8, 4], "head_channels": 4, "img_size": 64, "out_channels": 3}),

@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.train_report import HEADROOM_GOAL, TrainReportConfig, bottleneck, bundle_of, main, train_report
 
-TINY_STUDENT = {"base_width": 4, "decoder_channels": [8, 8, 4, 4, 4]}
+TINY_STUDENT = {"base_width": 8, "decoder_channels": [16, 8, 8, 8, 8]}
 TINY_TEACHER = {"features": [4, 4, 8, 8, 8]}
 TINY_TRANSFUSE = {
     "embed_dim": 16, "depth": 1, "num_heads": 2, "cnn_widths": [4, 8, 16], "cnn_layers": [1, 1, 1],

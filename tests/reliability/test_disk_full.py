@@ -28,7 +28,7 @@ def small_disk(tmp_path) -> Iterator[Path]:
 def test_preflight_refuses_an_output_dir_without_room_for_the_checkpoints(small_disk):
     import networks
 
-    net = networks.create("resnet18_student", spatial_dims=2, in_channels=3, out_channels=3, base_width=4)
+    net = networks.create("resnet18_student", spatial_dims=2, in_channels=3, out_channels=3, base_width=8)
     with pytest.raises(BundleInputError) as err:
         check_free_disk(small_disk, net)
     message = str(err.value)

@@ -113,7 +113,7 @@ def _tiny_student_checkpoint(path: Path) -> Path:
 
     import networks
 
-    kwargs = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_width": 4}
+    kwargs = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_width": 8}
     preprocessing = {"spatial_dims": 2, "num_slices": 3, "task": "kits", "window": None, "pixdim": None}
     settings = {
         "role": "resnet18_student",

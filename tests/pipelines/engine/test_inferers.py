@@ -11,7 +11,7 @@ from monai.inferers import SliceInferer
 import networks
 from pipelines.engine.inferers import SliceBatchInferer, make_inferer, slab_indices
 
-TINY_STUDENT = {"base_width": 4, "decoder_channels": [8, 8, 4, 4, 4]}
+TINY_STUDENT = {"base_width": 8, "decoder_channels": [16, 8, 8, 8, 8]}
 
 
 def _net(in_channels: int = 3) -> torch.nn.Module:

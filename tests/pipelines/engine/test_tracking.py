@@ -29,7 +29,7 @@ from tests.conftest import REPO
 SETTINGS = {
     "role": "unetpp_teacher",
     "network_name": "resnet18_student",
-    "network_kwargs": {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_width": 4},
+    "network_kwargs": {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_width": 8},
     "preprocessing": {"spatial_dims": 2, "num_slices": 3, "in_plane_size": [32, 32], "roi_size": None},
 }
 
