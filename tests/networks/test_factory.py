@@ -37,7 +37,7 @@ def test_bundle_config_instantiation():
             "spatial_dims": 2,
             "in_channels": 5,
             "out_channels": 3,
-            "base_width": 8,
+            "base_width": 4,
         }
     }
     net = ConfigParser(config).get_parsed_content("network_def")
