@@ -14,6 +14,20 @@ The paper writes ``A(p^s)`` for the student's "interpolated" predictive map; we 
 resized to the teacher's size (an attention map of a probability map would not be a distribution). KL terms use
 temperature ``T`` (default 4) and are scaled by ``T^2``. The attention distance is squared (see
 ``distill.attention``). Unlike the authors' code, heads are built once and trained with the student.
+
+Differences from the paper and from the authors' code, all deliberate:
+
+1. UFD resizing direction: the authors' UFD upsamples the teacher's unified middle map to the student's early size;
+   we follow the paper's text (Sec. 2: the student's representation is rescaled to the teacher's size), as for IFD.
+2. KL direction: the paper writes ``KL(A(p^s) || p^t)`` (Eq. 3-4, student first); this code, like the authors' code
+   and Hinton KD, computes ``KL(p^t || p^s)`` (teacher first: the student is pulled onto the teacher's modes).
+3. Student architecture: the authors' student is a plain ResNet18 encoder with no U-decoder; ours
+   (``networks.student``) has a U-shaped decoder, so ``mid`` taps and the final prediction differ from theirs.
+4. Two numeric choices (``distill.attention``): a representation SHRUNK to the teacher's size is area-averaged
+   (neither the paper nor the authors' bilinear resize; bilinear without antialiasing gives gradient to only 25 %
+   of the positions in a 4x shrink, e.g. UFD's stem and IFD's layer1), and ``A(z)`` divides each sample by its
+   largest ``|z|`` before ``|z|^p`` (exact, since ``A`` is scale-invariant; with ``p = 4`` small activations
+   otherwise underflow to a constant loss with zero gradient).
 """
 
 from __future__ import annotations
