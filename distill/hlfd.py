@@ -197,6 +197,11 @@ class HLFD(KDMethod):
         self.connectors["upd"] = conv1x1(sd, plan.channels("student", "early")[0], k)
         self.connectors["ipd"] = conv1x1_list(sd, plan.channels("student", "mid"), k)
 
+    def term_weights(self) -> dict[str, float]:
+        """``beta * ufd``, ``beta * ifd``, ``lam * upd``, ``lam * ipd`` for ``kd_ufd`` ... ``kd_ipd``."""
+        w, b, lam = self.weights, self.beta, self.lam
+        return {"kd_ufd": b * w["ufd"], "kd_ifd": b * w["ifd"], "kd_upd": lam * w["upd"], "kd_ipd": lam * w["ipd"]}
+
     def forward(self, student: Features, teacher: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         s_early, s_mid = student["early"][0], list(student["mid"])
         ufd = self.ufd_loss(s_early, teacher["mid"])

@@ -93,6 +93,9 @@ class CWD(KDMethod):
         self.cwd, self.temperature = float(cwd), float(temperature)
         self.kd_mask = check_kd_mask(kd_mask)
 
+    def term_weights(self) -> dict[str, float]:
+        return {"kd_cwd": self.cwd}
+
     def forward(self, student: Features, teacher: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         s, t = student["pred_final"][0], teacher["pred_final"][0]
         keep = teacher_correct(t, labels)[0] if self.kd_mask == "teacher_correct" else None

@@ -114,6 +114,9 @@ class DIST(KDMethod):
         self.dist, self.beta, self.gamma, self.temperature = float(dist), float(beta), float(gamma), float(temperature)
         self.kd_mask = check_kd_mask(kd_mask)
 
+    def term_weights(self) -> dict[str, float]:
+        return {"kd_inter": self.dist * self.beta, "kd_intra": self.dist * self.gamma}
+
     def forward(self, student: Features, teacher: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         inter, intra = dist_relations(student["pred_final"][0], teacher["pred_final"][0], self.temperature, labels, self.kd_mask)
         return {"kd_inter": inter, "kd_intra": intra, "kd_total": self.dist * (self.beta * inter + self.gamma * intra)}

@@ -36,6 +36,9 @@ class HintonKD(KDMethod):
         self.kd, self.temperature = float(kd), float(temperature)
         self.kd_mask = check_kd_mask(kd_mask)
 
+    def term_weights(self) -> dict[str, float]:
+        return {"kd_kl": self.kd}
+
     def forward(self, student: Features, teacher: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         t = self.temperature
         kl = pixel_kl(student["pred_final"][0], tempered_probs(teacher["pred_final"][0], t), t, labels, self.kd_mask)
