@@ -126,6 +126,12 @@ class GradientBalancer:
                 self.weights[k] = self.ratio * self.ema["seg"] / self.ema[k]
         return measured
 
+    def fixed_ratios(self) -> dict[str, float]:
+        """``base_i * EMA(G_i) / EMA(G_seg)``: the encoder gradient each term would carry, relative to the segmentation
+        loss's, at its fixed (paper) weight; the balanced weight is ``w_i = r * base_i / fixed_ratio_i``."""
+        seg = self.ema.get("seg", 0.0)
+        return {k: self.base[k] * self.ema[k] / seg for k in self.base if k in self.ema and seg > 0}
+
     def __call__(self, seg: torch.Tensor, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The balanced distillation loss ``sum_i w_i L_i`` (measuring first on every ``every``-th call).
 

@@ -16,7 +16,9 @@ Event timeline of ``SupervisedTrainer._iteration`` (monai 1.6) and what the hand
 Values written into ``engine.state.output`` (floats, for ``StatsHandler``/MLflow): ``loss_seg`` (the segmentation loss),
 every term of the method (``kd_ufd``, ``kd_ifd``, ``kd_upd``, ``kd_ipd``, ``kd_feature``, ``kd_pixel`` for HLFD; see each
 method) and ``kd_total``; ``loss`` stays a tensor (the combined loss). With ``balance="grad"`` also ``kd_weight_<term>``
-(e.g. ``kd_weight_ifd``), the weight each term had this step; ``kd_total`` is then the balanced sum.
+(e.g. ``kd_weight_ifd``), the weight each term had this step, and ``kd_gradratio_<term>``, the running ratio of the
+encoder gradient norm the term would carry at its fixed (paper) weight to the segmentation loss's (e.g. 30 when 0.9
+IFD pulls 30x harder than L_seg); ``kd_total`` is then the balanced sum.
 """
 
 from __future__ import annotations
@@ -201,6 +203,8 @@ class DistillationHandler:
         if self.balancer is not None:
             terms["kd_total"] = self.balancer(seg, terms)
             terms.update({f"kd_weight_{k.removeprefix('kd_')}": torch.tensor(w) for k, w in self.balancer.weights.items()})
+            ratios = self.balancer.fixed_ratios()
+            terms.update({f"kd_gradratio_{k.removeprefix('kd_')}": torch.tensor(v) for k, v in ratios.items()})
         scale = self.scale(engine)
         output[self.loss_key] = seg + scale * terms["kd_total"]
         if self.warmup_epochs > 0:

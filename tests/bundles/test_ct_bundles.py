@@ -74,7 +74,7 @@ def test_train_role_one_epoch(role, cohort, teacher_run, tmp_path):
         assert params["method"] == "hlfd" and params["beta"] == "0.9" and params["lambda"] == "0.1"
         assert params["T"] == "4.0" and params["p"] == "4"
         # the safeguards: balanced weights logged per epoch, the gate's verdict in the log, checkpoints and MLflow
-        assert {"kd_weight_ufd", "kd_weight_ifd", "kd_weight_upd", "kd_weight_ipd", "gate_kd_lost"} <= metrics
+        assert {"kd_weight_ufd", "kd_weight_ifd", "kd_weight_upd", "kd_weight_ipd", "kd_gradratio_ifd", "gate_kd_lost"} <= metrics
         assert params["kd_balance"] == "grad" and params["kd_balance_ratio"] == "0.5" and params["kd_mask"] == "none"
         assert params["baseline_dsc_tumor"] == "0.99" and params["baseline_ckpt"] == str(tmp_path / "baseline.pt")
         assert "distillation lost on validation: kd " in proc.stdout + proc.stderr

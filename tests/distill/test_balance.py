@@ -45,6 +45,7 @@ def test_running_averages_and_measurement_interval():
     bal(*_linear_losses(w, 3.0 * one, 2.0 * one, one))  # ema seg 0.5*1 + 0.5*3 = 2, term 0.5*4 + 0.5*2 = 3
     assert bal.ema["seg"] == pytest.approx(2.0) and bal.ema["kd_one"] == pytest.approx(3.0)
     assert bal.weights["kd_one"] == pytest.approx(2.0 / 3.0)
+    assert bal.fixed_ratios() == {"kd_one": pytest.approx(1.5)}  # 1.0 * 3 / 2; the weight-0 term is never measured
     assert bal.calls == 3
 
 
@@ -97,6 +98,9 @@ def test_handler_logs_balanced_weights_and_uses_them():
     assert all(w > 0 for w in weights.values())
     kd = sum(weights[k] * rec[f"kd_{k}"] for k in weights)
     assert rec["kd_total"] == pytest.approx(kd, rel=1e-4)
+    paper = d.method.term_weights()
+    for k in weights:  # w_i = r * paper_i / ratio_i
+        assert weights[k] == pytest.approx(0.5 * paper[f"kd_{k}"] / rec[f"kd_gradratio_{k}"], rel=1e-4)
     assert rec["loss"].item() == pytest.approx(rec["loss_seg"] + kd, rel=1e-4)
 
 
