@@ -11,7 +11,8 @@ so that, on average, the weighted term's gradient on the encoder is ``r`` times 
 ``kd_balance_ratio``, e.g. 0.25). The norms are measured with ``torch.autograd.grad`` (no ``.grad`` is touched) every
 ``every`` iterations, from the first on; in between the weights stay. Each measurement costs one extra backward pass
 through the encoder per term plus one for ``L_seg``, so ``every = 10`` adds about ``(terms + 1) / 10`` backward passes
-per step. Terms whose paper weight is 0 stay off. In distributed runs the measured norms are averaged over the ranks,
+per step. Terms whose paper weight is 0 stay off; a term whose gradient does not reach the encoder (norm 0) keeps its
+fixed weight. The averages are not checkpointed: a resumed run measures afresh from its first step. In distributed runs the measured norms are averaged over the ranks,
 so every rank uses the same weights.
 """
 
