@@ -3,7 +3,8 @@
 Public API:
 
 - ``create_distiller(method, student, teacher, *, student_taps=None, teacher_taps=None, **weights) -> Distiller``
-- ``METHODS`` = ``("hlfd", "hinton", "skd", "imf", "emkd", "hifd", "none")``; ``default_weights(method)``
+- ``METHODS`` = ``("hlfd", "hinton", "skd", "imf", "emkd", "hifd", "cwd", "dist", "none")``; ``default_weights(method)``
+- ``KD_MASKS`` = ``("none", "teacher_correct")`` (``create_distiller(..., kd_mask=...)`` for the methods in ``MASKABLE``)
 - ``DistillationHandler(distiller, teacher=None, allow_untrained_teacher=False, ...)`` for a MONAI SupervisedTrainer
 - ``trainable_parameters(student, distiller)``: student + connector parameters for the optimiser
 - ``load_teacher(checkpoint_path, network_name=None, **network_kwargs)``; ``mark_trained``; ``trained_source``
@@ -30,12 +31,15 @@ from distill.capture import OUTPUT_PATH, FeatureCapture, resolve_module, unwrap
 from distill.distiller import Distiller, freeze, trainable_parameters
 from distill.handler import DistillationHandler
 from distill.hlfd import HLFD, IFDLoss, IPDLoss, UFDLoss, UPDLoss
+from distill.mask import KD_MASKS
 from distill.method import KDMethod
-from distill.registry import METHODS, create_distiller, default_weights, method_class
+from distill.registry import MASKABLE, METHODS, create_distiller, default_weights, method_class
 from distill.teacher import load_teacher, mark_trained, read_checkpoint, trained_source
 
 __all__ = [
     "METHODS",
+    "MASKABLE",
+    "KD_MASKS",
     "create_distiller",
     "default_weights",
     "method_class",

@@ -15,7 +15,10 @@ Event timeline of ``SupervisedTrainer._iteration`` (monai 1.6) and what the hand
 
 Values written into ``engine.state.output`` (floats, for ``StatsHandler``/MLflow): ``loss_seg`` (the segmentation loss),
 every term of the method (``kd_ufd``, ``kd_ifd``, ``kd_upd``, ``kd_ipd``, ``kd_feature``, ``kd_pixel`` for HLFD; see each
-method) and ``kd_total``; ``loss`` stays a tensor (the combined loss).
+method) and ``kd_total``; ``loss`` stays a tensor (the combined loss). With ``balance="grad"`` also ``kd_weight_<term>``
+(e.g. ``kd_weight_ifd``), the weight each term had this step, and ``kd_gradratio_<term>``, the running ratio of the
+encoder gradient norm the term would carry at its fixed (paper) weight to the segmentation loss's (e.g. 30 when 0.9
+IFD pulls 30x harder than L_seg); ``kd_total`` is then the balanced sum.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 from torch import nn
 
+from distill.balance import GradientBalancer, check_kd_balance, encoder_parameters
 from distill.capture import unwrap
 from distill.distiller import Distiller
 from distill.teacher import trained_source
@@ -53,10 +57,17 @@ class DistillationHandler:
             iterations: ``scale = min(1, (iteration - 1) / (warmup_epochs * epoch_length))``); 0 (default) applies
             the method's full weights from the first step, as the papers do. The terms are logged unscaled; the
             scale is logged as ``kd_scale``.
+        balance: ``"none"`` (the method's fixed weights, the papers') or ``"grad"``: every term of
+            ``method.term_weights()`` is weighted so that its gradient norm on the student's encoder is, on running
+            average, ``balance_ratio`` times the segmentation loss's (``distill.balance.GradientBalancer``).
+        balance_ratio: ``r`` of ``balance="grad"`` (> 0, e.g. 0.25).
+        balance_every: measure the gradient norms every this many iterations (the first included).
+        balance_momentum: EMA momentum of the measured norms.
 
     Raises:
         TypeError: distiller is not a ``Distiller``.
-        ValueError: a teacher different from the distiller's, or an untrained teacher.
+        ValueError: a teacher different from the distiller's, an untrained teacher, bad balance options, or
+            ``balance="grad"`` for the method ``none``.
     """
 
     def __init__(
@@ -68,6 +79,10 @@ class DistillationHandler:
         label_key: str = CommonKeys.LABEL,
         loss_key: str = CommonKeys.LOSS,
         warmup_epochs: float = 0.0,
+        balance: str = "none",
+        balance_ratio: float = 0.25,
+        balance_every: int = 10,
+        balance_momentum: float = 0.9,
     ) -> None:
         if not isinstance(distiller, Distiller):
             raise TypeError(f"distiller must be a distill.Distiller, got {type(distiller).__name__}.")
@@ -86,6 +101,14 @@ class DistillationHandler:
         self.distiller = distiller
         self.image_key, self.label_key, self.loss_key = image_key, label_key, loss_key
         self.warmup_epochs = warmup_epochs
+        self.balancer: GradientBalancer | None = None
+        if check_kd_balance(balance, balance_ratio, balance_every, balance_momentum) == "grad":
+            if not distiller.needs_teacher:
+                raise ValueError(f"balance='grad' weights distillation terms; method {distiller.name!r} has none.")
+            self.balancer = GradientBalancer(
+                encoder_parameters(distiller.student), distiller.method.term_weights(),
+                balance_ratio, balance_every, balance_momentum,
+            )  # fmt: skip
 
     def attach(self, engine: Engine) -> None:
         """Register on the trainer's events.
@@ -177,6 +200,11 @@ class DistillationHandler:
             terms = self.distiller(s_feats, t_feats, output.get(self.label_key), input_size=images.shape[2:])
         else:
             terms = {"kd_total": torch.zeros((), device=seg.device)}
+        if self.balancer is not None:
+            terms["kd_total"] = self.balancer(seg, terms)
+            terms.update({f"kd_weight_{k.removeprefix('kd_')}": torch.tensor(w) for k, w in self.balancer.weights.items()})
+            ratios = self.balancer.fixed_ratios()
+            terms.update({f"kd_gradratio_{k.removeprefix('kd_')}": torch.tensor(v) for k, v in ratios.items()})
         scale = self.scale(engine)
         output[self.loss_key] = seg + scale * terms["kd_total"]
         if self.warmup_epochs > 0:

@@ -14,6 +14,23 @@ The paper writes ``A(p^s)`` for the student's "interpolated" predictive map; we 
 resized to the teacher's size (an attention map of a probability map would not be a distribution). KL terms use
 temperature ``T`` (default 4) and are scaled by ``T^2``. The attention distance is squared (see
 ``distill.attention``). Unlike the authors' code, heads are built once and trained with the student.
+
+Differences from the paper and from the authors' code, all deliberate:
+
+1. UFD resizing direction: the authors' UFD upsamples the teacher's unified middle map to the student's early size;
+   we follow the paper's text (Sec. 2: the student's representation is rescaled to the teacher's size), as for IFD.
+2. KL direction: the paper writes ``KL(A(p^s) || p^t)`` (Eq. 3-4, student first); this code, like the authors' code
+   and Hinton KD, computes ``KL(p^t || p^s)`` (teacher first: the student is pulled onto the teacher's modes).
+3. Student architecture: the authors' student is a plain ResNet18 encoder with no U-decoder; ours
+   (``networks.student``) has a U-shaped decoder, so ``mid`` taps and the final prediction differ from theirs.
+4. Two numeric choices (``distill.attention``): a representation SHRUNK to the teacher's size is area-averaged
+   (neither the paper nor the authors' bilinear resize; bilinear without antialiasing gives gradient to only 25 %
+   of the positions in a 4x shrink, e.g. UFD's stem and IFD's layer1), and ``A(z)`` divides each sample by its
+   largest ``|z|`` before ``|z|^p`` (exact, since ``A`` is scale-invariant; with ``p = 4`` small activations
+   otherwise underflow to a constant loss with zero gradient).
+
+``kd_mask="teacher_correct"`` (default ``"none"``, the paper's) restricts UPD and IPD to pixels where the teacher's
+class equals the label, averaged per label class (``distill.mask``); the feature terms are unmasked.
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ from torch import nn
 from distill.attention import attention_distance, resize_to
 from distill.connectors import conv1x1, conv1x1_list
 from distill.kl import pixel_kl, tempered_probs, unified_probs
+from distill.mask import check_kd_mask
 from distill.method import Features, KDMethod
 from distill.plan import Role, TapPlan
 
@@ -79,35 +97,50 @@ class IFDLoss(nn.Module):
 class UPDLoss(nn.Module):
     """Unified pixel-level distillation (HLFD Eq. 3): ``T^2 KL(mean_k softmax(t_k/T) || softmax(s/T))``.
 
+    Args:
+        temperature: ``T``.
+        kd_mask: ``"none"`` or ``"teacher_correct"`` (pixels where the unified teacher map's class is the label).
+
     Forward:
-        student_logits ``(B, K, *S_s)`` (the early head's output), teacher_pred_mid sequence of ``(B, K, *S_k)``
-        -> scalar. Teacher maps are resized to the largest of them; the student map to that size.
+        student_logits ``(B, K, *S_s)`` (the early head's output), teacher_pred_mid sequence of ``(B, K, *S_k)``,
+        optional labels ``(B, 1, *S)`` -> scalar. Teacher maps are resized to the largest of them; the student map to
+        that size.
     """
 
-    def __init__(self, temperature: float = 4.0) -> None:
+    def __init__(self, temperature: float = 4.0, kd_mask: str = "none") -> None:
         super().__init__()
-        self.temperature = temperature
+        self.temperature, self.kd_mask = temperature, check_kd_mask(kd_mask)
 
-    def forward(self, student_logits: torch.Tensor, teacher_pred_mid: Sequence[torch.Tensor]) -> torch.Tensor:
-        return pixel_kl(student_logits, unified_probs(teacher_pred_mid, self.temperature), self.temperature)
+    def forward(
+        self, student_logits: torch.Tensor, teacher_pred_mid: Sequence[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        p_t = unified_probs(teacher_pred_mid, self.temperature)
+        return pixel_kl(student_logits, p_t, self.temperature, labels, self.kd_mask)
 
 
 class IPDLoss(nn.Module):
     """Individual pixel-level distillation (HLFD Eq. 4): ``(1/N) sum_j T^2 KL(softmax(t/T) || softmax(s_j/T))``.
 
+    Args:
+        temperature: ``T``.
+        kd_mask: ``"none"`` or ``"teacher_correct"`` (pixels where the teacher's final class is the label).
+
     Forward:
-        student_logits sequence of ``(B, K, *S_j)`` (one per middle head), teacher_final ``(B, K, *S_t)`` -> scalar.
+        student_logits sequence of ``(B, K, *S_j)`` (one per middle head), teacher_final ``(B, K, *S_t)``, optional
+        labels ``(B, 1, *S)`` -> scalar.
     """
 
-    def __init__(self, temperature: float = 4.0) -> None:
+    def __init__(self, temperature: float = 4.0, kd_mask: str = "none") -> None:
         super().__init__()
-        self.temperature = temperature
+        self.temperature, self.kd_mask = temperature, check_kd_mask(kd_mask)
 
-    def forward(self, student_logits: Sequence[torch.Tensor], teacher_final: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student_logits: Sequence[torch.Tensor], teacher_final: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if len(student_logits) == 0:
             raise ValueError("IPDLoss needs at least one student map.")
         p_t = tempered_probs(teacher_final, self.temperature)
-        return torch.stack([pixel_kl(s, p_t, self.temperature) for s in student_logits]).mean()
+        return torch.stack([pixel_kl(s, p_t, self.temperature, labels, self.kd_mask) for s in student_logits]).mean()
 
 
 class HLFD(KDMethod):
@@ -123,6 +156,8 @@ class HLFD(KDMethod):
         ufd, ifd, upd, ipd: per-term weights inside the two levels (default 1).
         temperature: KL temperature ``T`` (default 4).
         p: attention exponent (default 4).
+        kd_mask: ``"none"`` (the paper's) or ``"teacher_correct"``: UPD and IPD read only the pixels where the teacher
+            map they distil has the label's class, averaged per label class (``distill.mask``); UFD/IFD are unmasked.
 
     Returns (forward):
         ``{"kd_ufd", "kd_ifd", "kd_upd", "kd_ipd", "kd_feature", "kd_pixel", "kd_total"}`` scalars; the four terms
@@ -150,23 +185,29 @@ class HLFD(KDMethod):
         ipd: float = 1.0,
         temperature: float = 4.0,
         p: float = 4.0,
+        kd_mask: str = "none",
     ) -> None:
         super().__init__(plan)
         self.check_weights(beta=beta, lam=lam, ufd=ufd, ifd=ifd, upd=upd, ipd=ipd, temperature=temperature, p=p)
         self.beta, self.lam = float(beta), float(lam)
         self.weights = {"ufd": float(ufd), "ifd": float(ifd), "upd": float(upd), "ipd": float(ipd)}
         self.ufd_loss, self.ifd_loss = UFDLoss(p), IFDLoss(p)
-        self.upd_loss, self.ipd_loss = UPDLoss(temperature), IPDLoss(temperature)
+        self.upd_loss, self.ipd_loss = UPDLoss(temperature, kd_mask), IPDLoss(temperature, kd_mask)
         sd, k = plan.spatial_dims, plan.num_classes
         self.connectors["upd"] = conv1x1(sd, plan.channels("student", "early")[0], k)
         self.connectors["ipd"] = conv1x1_list(sd, plan.channels("student", "mid"), k)
+
+    def term_weights(self) -> dict[str, float]:
+        """``beta * ufd``, ``beta * ifd``, ``lam * upd``, ``lam * ipd`` for ``kd_ufd`` ... ``kd_ipd``."""
+        w, b, lam = self.weights, self.beta, self.lam
+        return {"kd_ufd": b * w["ufd"], "kd_ifd": b * w["ifd"], "kd_upd": lam * w["upd"], "kd_ipd": lam * w["ipd"]}
 
     def forward(self, student: Features, teacher: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         s_early, s_mid = student["early"][0], list(student["mid"])
         ufd = self.ufd_loss(s_early, teacher["mid"])
         ifd = self.ifd_loss(s_mid, teacher["late"][0])
-        upd = self.upd_loss(self.connectors["upd"](s_early), teacher["pred_mid"])
-        ipd = self.ipd_loss([h(z) for h, z in zip(self.connectors["ipd"], s_mid)], teacher["pred_final"][0])
+        upd = self.upd_loss(self.connectors["upd"](s_early), teacher["pred_mid"], labels)
+        ipd = self.ipd_loss([h(z) for h, z in zip(self.connectors["ipd"], s_mid)], teacher["pred_final"][0], labels)
         w = self.weights
         feature = w["ufd"] * ufd + w["ifd"] * ifd
         pixel = w["upd"] * upd + w["ipd"] * ipd

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.attention import resize_to
+from distill.mask import pixel_mean
 
 __all__ = ["tempered_probs", "unified_probs", "pixel_kl"]
 
@@ -41,19 +42,28 @@ def unified_probs(logits: Sequence[torch.Tensor], temperature: float, size: Sequ
     return torch.stack(probs, dim=0).mean(dim=0)
 
 
-def pixel_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def pixel_kl(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    kd_mask: str = "none",
+) -> torch.Tensor:
     """``T^2 * mean_{b, pixels} KL(p_t || softmax(s / T))``; student logits resized to the teacher's size.
 
     Args:
         student_logits: ``(B, K, *spatial_s)``.
         teacher_probs: ``(B, K, *spatial_t)`` probabilities (already tempered by the caller).
         temperature: the student's temperature ``T``; the result is scaled by ``T^2``.
+        labels: ``(B, 1, *S)`` labels, needed for ``kd_mask="teacher_correct"``.
+        kd_mask: ``"none"`` (mean over all pixels) or ``"teacher_correct"`` (``distill.mask.pixel_mean``: only pixels
+            where the teacher's argmax equals the label, averaged per label class, then over classes).
 
     Returns:
         scalar tensor, 0 when the tempered student probabilities equal ``teacher_probs``.
 
     Raises:
-        ValueError: when batch or class counts differ.
+        ValueError: when batch or class counts differ, or on a bad ``kd_mask``.
     """
     if student_logits.shape[:2] != teacher_probs.shape[:2]:
         raise ValueError(
@@ -62,4 +72,4 @@ def pixel_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperat
         )
     log_q = F.log_softmax(resize_to(student_logits, teacher_probs.shape[2:]) / temperature, dim=1)
     kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_q).sum(dim=1)
-    return kl.mean() * (temperature**2)
+    return pixel_mean(kl, teacher_probs, labels, kd_mask) * (temperature**2)

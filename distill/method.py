@@ -50,5 +50,13 @@ class KDMethod(nn.Module):
             if k in cls.POSITIVE and v <= 0:
                 raise ValueError(f"{k} must be > 0, got {v!r}.")
 
+    def term_weights(self) -> dict[str, float]:
+        """``{term key: weight}`` with ``kd_total == sum(weight * out[term])`` for the ``forward`` output ``out``.
+
+        ``kd_balance="grad"`` (``distill.balance``) re-weights these terms. The default treats ``kd_total`` as one
+        term; methods whose terms are separate losses override it.
+        """
+        return {"kd_total": 1.0}
+
     def forward(self, student: Features, teacher: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError

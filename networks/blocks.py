@@ -141,10 +141,19 @@ class ScaleUp(nn.Module):
 
 
 _MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
+_AREA_POOLS = {3: F.adaptive_avg_pool1d, 4: F.adaptive_avg_pool2d, 5: F.adaptive_avg_pool3d}
 
 
 def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Resize a channel-first map to a spatial size with (bi/tri)linear interpolation (``align_corners=False``).
+    """Resize a channel-first map to a spatial size: area (average) pooling along the axes that shrink, then
+    (bi/tri)linear interpolation (``align_corners=False``) along the axes that grow.
+
+    Shrinking by area averaging (``adaptive_avg_pool``: output ``i`` is the mean of the input window
+    ``[floor(i n_in / n_out), ceil((i + 1) n_in / n_out))``) lets every input position contribute, so every position
+    receives gradient; bilinear interpolation without antialiasing would read only the 2 nearest positions per axis
+    (in a 4x shrink, 25 % of the positions of a 2D map and none of the others). Growing axes are interpolated
+    linearly as before. Axes are independent, so a map that shrinks along one axis and grows along another is pooled
+    along the first, then interpolated along the second.
 
     Args:
         x: ``(B, C, *spatial)`` with 1 to 3 spatial axes.
@@ -162,5 +171,10 @@ def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if len(size) != x.ndim - 2:
         raise ValueError(f"Target size {size} has {len(size)} axes; the map {tuple(x.shape)} has {x.ndim - 2}.")
     if tuple(x.shape[2:]) == size:
+        return x
+    shrunk = tuple(min(int(n), s) for n, s in zip(x.shape[2:], size))
+    if shrunk != tuple(x.shape[2:]):
+        x = _AREA_POOLS[x.ndim](x, shrunk)
+    if shrunk == size:
         return x
     return F.interpolate(x, size=size, mode=_MODES[x.ndim], align_corners=False)

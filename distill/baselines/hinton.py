@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from distill.kl import pixel_kl, tempered_probs
+from distill.mask import check_kd_mask
 from distill.method import Features, KDMethod
 from distill.plan import Role, TapPlan
 
@@ -18,6 +19,8 @@ class HintonKD(KDMethod):
         plan: resolved taps (student and teacher ``pred_final``).
         kd: weight of the term (default 1).
         temperature: ``T`` (default 4).
+        kd_mask: ``"none"`` or ``"teacher_correct"`` (``distill.mask``: only pixels the teacher classifies correctly,
+            averaged per label class).
 
     Returns (forward):
         ``{"kd_kl", "kd_total"}``.
@@ -27,12 +30,16 @@ class HintonKD(KDMethod):
     STUDENT_ROLES = {"pred_final": Role(("pred_final",), single=True, logits=True)}
     TEACHER_ROLES = {"pred_final": Role(("pred_final",), single=True, logits=True)}
 
-    def __init__(self, plan: TapPlan, kd: float = 1.0, temperature: float = 4.0) -> None:
+    def __init__(self, plan: TapPlan, kd: float = 1.0, temperature: float = 4.0, kd_mask: str = "none") -> None:
         super().__init__(plan)
         self.check_weights(kd=kd, temperature=temperature)
         self.kd, self.temperature = float(kd), float(temperature)
+        self.kd_mask = check_kd_mask(kd_mask)
+
+    def term_weights(self) -> dict[str, float]:
+        return {"kd_kl": self.kd}
 
     def forward(self, student: Features, teacher: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         t = self.temperature
-        kl = pixel_kl(student["pred_final"][0], tempered_probs(teacher["pred_final"][0], t), t)
+        kl = pixel_kl(student["pred_final"][0], tempered_probs(teacher["pred_final"][0], t), t, labels, self.kd_mask)
         return {"kd_kl": kl, "kd_total": self.kd * kl}

@@ -8,6 +8,7 @@ The bundles write ``$import pipelines.engine`` once and reference ``pipelines.en
 - ``splits``: which split JSON a run reads, its sections, loader batch size
 - ``preflight``: the checks before long work (dataset, teacher checkpoint, disk, MLflow store)
 - ``errors``: ``BundleInputError`` and the knob parsers ``as_bool`` / ``optional_knob``
+- ``gate``: the KD roles' validation gate (``--baseline_ckpt``: did distillation beat the plain student?)
 - ``inferers``, ``metrics`` (per-volume metrics, CSV reports, metric handlers), ``handlers`` (ignite handlers),
   ``optim`` (lr schedule, gradient clipping), ``curves`` (validation history), ``pictures`` (case overlays,
   training curves, per-case plot), ``progress`` (evaluation/inference progress bars), ``data`` (CacheDataset, memory
@@ -27,6 +28,7 @@ from pipelines.engine.checkpoint import *  # noqa: F403
 from pipelines.engine.curves import *  # noqa: F403
 from pipelines.engine.data import *  # noqa: F403
 from pipelines.engine.errors import *  # noqa: F403
+from pipelines.engine.gate import *  # noqa: F403
 from pipelines.engine.handlers import *  # noqa: F403
 from pipelines.engine.inference import *  # noqa: F403
 from pipelines.engine.inferers import *  # noqa: F403
@@ -42,5 +44,5 @@ from pipelines.engine.splits import *  # noqa: F403
 from pipelines.engine.tracking import *  # noqa: F403
 
 #: the modules re-exported here (one concern each; the public API is the union of their ``__all__``)
-_MODULES = ("atomic", "case_dataset", "checkpoint", "curves", "data", "errors", "handlers", "inference", "inferers", "knobs", "metrics", "optim", "output", "pictures", "polyp", "preflight", "progress", "splits", "tracking")
+_MODULES = ("atomic", "case_dataset", "checkpoint", "curves", "data", "errors", "gate", "handlers", "inference", "inferers", "knobs", "metrics", "optim", "output", "pictures", "polyp", "preflight", "progress", "splits", "tracking")
 __all__ = [name for module in _MODULES for name in importlib.import_module(f"pipelines.engine.{module}").__all__]

@@ -27,8 +27,17 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-__all__ = ["MONAI_RUN_ARGS", "role_knobs", "check_cli", "project_error", "report_project_error", "install_excepthook"]
+__all__ = [
+    "MONAI_RUN_ARGS",
+    "role_knobs",
+    "check_cli",
+    "project_error",
+    "report_project_error",
+    "install_excepthook",
+    "kd_options",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -210,3 +219,66 @@ def check_cli(argv: Sequence[str] | None = None) -> bool:
             f"{files[0]})."
         )
     return True
+
+
+def kd_options(
+    method: str,
+    kd_mask: Any = "none",
+    kd_balance: Any = "none",
+    kd_balance_ratio: Any = 0.25,
+    baseline_ckpt: Any = "",
+    key_metric: str = "dsc_tumor",
+    splits_file: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The KD roles' safeguard knobs, validated before any long work (the ``kd`` overlay's ``teacher_check`` runs it).
+
+    Args:
+        method: ``--kd_method``.
+        kd_mask: ``none`` | ``teacher_correct`` (``distill.mask``; only for methods with pixel-level terms).
+        kd_balance: ``none`` | ``grad`` (``distill.balance``).
+        kd_balance_ratio: ``r`` of ``grad`` balancing (a number > 0).
+        baseline_ckpt: a plain student's ``best.pt`` for the validation gate (``pipelines.engine.gate``), or ``""``.
+        key_metric: the run's key metric (the baseline must have recorded the same).
+        splits_file: the run's split JSON (a baseline trained on another split is reported).
+
+    Returns:
+        ``{"kd_mask", "kd_balance", "kd_balance_ratio", "baseline_ckpt"}`` normalised, plus
+        ``baseline_<key_metric>`` (the baseline's best validation score) when a baseline is given; logged to MLflow
+        as params and stored in the checkpoints' settings.
+
+    Raises:
+        BundleInputError: an unknown method or value, a mask or balance the method cannot apply, a bad ratio, or an unusable
+            baseline checkpoint; each naming the knob and the valid values.
+    """
+    import distill
+    from distill.balance import check_kd_balance
+    from distill.mask import check_kd_mask
+    from pipelines.engine.errors import BundleInputError, optional_knob
+
+    try:
+        name = distill.method_class(method).name
+        mask = check_kd_mask(kd_mask)
+        ratio = kd_balance_ratio
+        if isinstance(ratio, (int, float, str)) and not isinstance(ratio, bool):
+            try:
+                ratio = float(ratio)
+            except ValueError:
+                pass  # check_kd_balance names the value
+        balance = check_kd_balance(kd_balance, ratio)
+        if mask != "none" and name not in distill.MASKABLE:
+            raise ValueError(
+                f"--kd_mask {mask} restricts pixel-level terms; --kd_method {method} has none (methods that take it: "
+                f"{', '.join(distill.MASKABLE)})."
+            )
+        if balance != "none" and name == "none":
+            raise ValueError("--kd_balance grad weights distillation terms; --kd_method none has none.")
+    except ValueError as e:
+        raise BundleInputError(str(e)) from e
+    out: dict[str, Any] = {"kd_mask": mask, "kd_balance": balance, "kd_balance_ratio": ratio, "baseline_ckpt": ""}
+    baseline = optional_knob(baseline_ckpt)
+    if baseline:
+        from pipelines.engine.gate import baseline_score
+
+        out["baseline_ckpt"] = str(baseline)
+        out[f"baseline_{key_metric}"] = baseline_score(baseline, key_metric, splits_file)
+    return out

@@ -10,6 +10,7 @@ import sqlite3
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from pipelines.engine import load_checkpoint
 from pipelines.engine.metrics import CASE_COLUMNS
@@ -47,15 +48,21 @@ def test_train_role_one_epoch(role, cohort, teacher_run, tmp_path):
     if role in ("hlfd", "kd_baselines"):
         args += ["--teacher_ckpt", str(teacher_run / "checkpoints" / "best.pt")]
     if role == "kd_baselines":
-        args += ["--kd_method", "skd"]
+        args += ["--kd_method", "cwd", "--kd_mask", "teacher_correct"]
+    if role == "hlfd":  # the safeguards: balanced weights, and a (fabricated) plain student no tiny run can beat
+        baseline = tmp_path / "baseline.pt"
+        torch.save({"model": {}, "best_metric": 0.99, "settings": {"kd_method": "none", "key_metric": "dsc_tumor"}}, baseline)
+        args += ["--kd_balance", "grad", "--kd_balance_ratio", "0.5", "--baseline_ckpt", str(baseline)]
     if role == "transfuse_ct":
         args += ["--batch_size", "2"]
-    run_bundle("training", f"bundles/{role}/configs/train.yaml", *args)
+    proc = run_bundle("training", f"bundles/{role}/configs/train.yaml", *args)
     ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ck["epoch"] == 1
     if role in ("hlfd", "kd_baselines"):
         assert ck["distiller"] is not None
-        assert ck["settings"]["kd_method"] == ("hlfd" if role == "hlfd" else "skd")
+        assert ck["settings"]["kd_method"] == ("hlfd" if role == "hlfd" else "cwd")
+    if role == "kd_baselines":
+        assert ck["settings"]["kd_options"]["kd_mask"] == "teacher_correct"
     if role == "hlfd":
         assert any(k.startswith("method.connectors") for k in ck["distiller"]), "HLFD's 1x1 heads are checkpointed"
         run_id = (tmp_path / "checkpoints" / "mlflow_run_id").read_text().strip()
@@ -66,6 +73,14 @@ def test_train_role_one_epoch(role, cohort, teacher_run, tmp_path):
         assert {"kd_ufd", "kd_ifd", "kd_upd", "kd_ipd", "kd_total", "loss_seg", "train_loss", "dsc_tumor"} <= metrics
         assert params["method"] == "hlfd" and params["beta"] == "0.9" and params["lambda"] == "0.1"
         assert params["T"] == "4.0" and params["p"] == "4"
+        # the safeguards: balanced weights logged per epoch, the gate's verdict in the log, checkpoints and MLflow
+        assert {"kd_weight_ufd", "kd_weight_ifd", "kd_weight_upd", "kd_weight_ipd", "kd_gradratio_ifd", "gate_kd_lost"} <= metrics
+        assert params["kd_balance"] == "grad" and params["kd_balance_ratio"] == "0.5" and params["kd_mask"] == "none"
+        assert params["baseline_dsc_tumor"] == "0.99" and params["baseline_ckpt"] == str(tmp_path / "baseline.pt")
+        assert "distillation lost on validation: kd " in proc.stdout + proc.stderr
+        for name in ("best.pt", "last.pt"):
+            gate = load_checkpoint(tmp_path / "checkpoints" / name)["settings"]["validation_gate"]
+            assert gate["kd_lost"] is True and gate["baseline"] == 0.99
 
 
 def test_3d_variant_by_one_override(cohort, tmp_path):
@@ -187,6 +202,17 @@ def test_kd_role_without_teacher_stops_before_training(cohort, tmp_path):
     )  # fmt: skip
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "--teacher_ckpt" in log
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_kd_role_with_a_bad_kd_knob_stops_before_training(cohort, teacher_run, tmp_path):
+    proc = run_bundle(
+        "training", "bundles/kd_baselines/configs/train.yaml", "--dataset_dir", str(cohort), "--output_dir", str(tmp_path),
+        "--teacher_ckpt", str(teacher_run / "checkpoints" / "best.pt"), "--kd_method", "skd", "--kd_mask", "teacher_correct",
+        *TINY, expect_ok=False,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "ERROR: --kd_mask teacher_correct restricts pixel-level terms; --kd_method skd has none" in log
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -3,6 +3,10 @@
 Two gloo ranks on CPU, each with different data (and different initial connectors on rank 1): after several SGD
 steps the distiller's connectors (outside DDP) and the DDP student must be identical across ranks, and the
 handler must issue exactly one ``all_reduce`` (a flat buffer of all connector gradients) per step.
+
+The run also balances the terms (``balance="grad"``, measured at steps 1 and 3): the measured gradient norms are
+averaged over the ranks (one all-reduce of ``1 + terms`` numbers per measurement), so both ranks weight the terms
+identically although their data differ.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             device=torch.device("cpu"), max_epochs=1, network=ddp, optimizer=opt, loss_function=SegLoss(),
             train_data_loader=DataLoader(_data(rank), batch_size=2, shuffle=False), decollate=False,
         )  # fmt: skip
-        distill.DistillationHandler(d, allow_untrained_teacher=True).attach(trainer)
+        handler = distill.DistillationHandler(d, allow_untrained_teacher=True, balance="grad", balance_every=2)
+        handler.attach(trainer)
         calls = []
         real = dist.all_reduce
 
@@ -62,7 +67,10 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         finally:
             dist.all_reduce = real
         torch.save(
-            {"calls": calls, "connectors": d.state_dict(), "student": s_net.state_dict(), "iterations": trainer.state.iteration},
+            {
+                "calls": calls, "connectors": d.state_dict(), "student": s_net.state_dict(),
+                "iterations": trainer.state.iteration, "weights": handler.balancer.weights,
+            },  # fmt: skip
             os.path.join(out, f"rank{rank}.pt"),
         )
     finally:
@@ -75,8 +83,12 @@ def test_two_rank_gloo_connectors_identical_with_one_all_reduce_per_step(tmp_pat
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["iterations"] == r1["iterations"] == STEPS
     n_connector = sum(v.numel() for v in r0["connectors"].values())
+    n_norms = 1 + 4  # L_seg and HLFD's four terms
     for r in (r0, r1):
-        assert r["calls"] == [n_connector] * STEPS, "expected exactly one flat all-reduce of the connectors per step"
+        assert r["calls"] == [n_norms, n_connector, n_connector, n_norms, n_connector], (
+            "expected one flat all-reduce of the connectors per step and one of the norms per measurement (steps 1, 3)"
+        )
+    assert r0["weights"] == r1["weights"] and all(w > 0 for w in r0["weights"].values())
     for k in r0["connectors"]:
         torch.testing.assert_close(r0["connectors"][k], r1["connectors"][k], rtol=0, atol=0)
     for k in r0["student"]:

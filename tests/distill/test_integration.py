@@ -26,6 +26,8 @@ EXPECTED_KEYS = {
     "imf": {"kd_feature", "kd_logit"},
     "emkd": {"kd_pmd", "kd_imd", "kd_rad"},
     "hifd": {"kd_feature", "kd_pixel"},
+    "cwd": {"kd_cwd"},
+    "dist": {"kd_inter", "kd_intra"},
     "none": set(),
 }
 
@@ -55,10 +57,10 @@ def unetpp_ckpt(tmp_path_factory):
     return _checkpoint(tmp_path_factory.mktemp("teacher") / "unetpp.pt", "unetpp_teacher", UNETPP)
 
 
-def _epoch(method, teacher):
+def _epoch(method, teacher, **options):
     torch.manual_seed(0)
     student = networks.create("resnet18_student", **STUDENT)
-    d = distill.create_distiller(method, student, teacher)
+    d = distill.create_distiller(method, student, teacher, **options)
     opt = torch.optim.Adam(distill.trainable_parameters(student, d), lr=1e-3)
     trainer = SupervisedTrainer(
         device=torch.device("cpu"), max_epochs=1, network=student, optimizer=opt, loss_function=SegLoss(),
@@ -84,6 +86,13 @@ def test_unetpp_teacher_resnet18_student_every_method(method, unetpp_ckpt):
     out = _epoch(method, teacher)
     if method != "none":
         assert out["kd_total"] > 0
+
+
+@pytest.mark.parametrize("method", distill.MASKABLE)
+def test_teacher_correct_mask_through_the_handler(method, unetpp_ckpt):
+    """The handler passes the batch's labels: every maskable method trains with kd_mask='teacher_correct'."""
+    out = _epoch(method, distill.load_teacher(unetpp_ckpt), kd_mask="teacher_correct")
+    assert out["kd_total"] >= 0
 
 
 def test_transfuse_teacher_with_hlfd(tmp_path):

@@ -8,9 +8,9 @@ from tests.distill.tiny_nets import TinyNet, pair
 
 
 def test_methods_and_bad_names():
-    assert distill.METHODS == ("hlfd", "hinton", "skd", "imf", "emkd", "hifd", "none")
+    assert distill.METHODS == ("hlfd", "hinton", "skd", "imf", "emkd", "hifd", "cwd", "dist", "none")
     s, t = pair()
-    with pytest.raises(ValueError, match="valid methods: hlfd, hinton, skd, imf, emkd, hifd, none"):
+    with pytest.raises(ValueError, match="valid methods: hlfd, hinton, skd, imf, emkd, hifd, cwd, dist, none"):
         distill.create_distiller("kd", s, t)
     with pytest.raises(ValueError, match="DKD baseline is 'emkd'"):
         distill.create_distiller("dkd", s, t)
@@ -21,7 +21,7 @@ def test_methods_and_bad_names():
         distill.create_distiller("hlfd", s, None)
     with pytest.raises(ValueError, match="must be a finite number"):
         distill.create_distiller("hlfd", s, t, beta=-1.0)
-    for method in ("hlfd", "hinton", "skd", "imf", "emkd", "hifd"):
+    for method in ("hlfd", "hinton", "skd", "imf", "emkd", "hifd", "cwd", "dist"):
         with pytest.raises(ValueError, match="temperature must be > 0"):
             distill.create_distiller(method, s, t, temperature=0.0)
     assert distill.default_weights("hlfd")["beta"] == 0.9 and distill.default_weights("hlfd")["lam"] == 0.1

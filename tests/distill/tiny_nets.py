@@ -73,14 +73,24 @@ def np_linear_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
+def np_area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """1-D area (adaptive average) pooling matrix (n_out, n_in): output i averages [floor(i n_in/n_out), ceil((i+1) n_in/n_out))."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
 def np_resize(a: np.ndarray, size) -> np.ndarray:
-    """Separable (bi/tri)linear resize of (B, C, *S) to size."""
+    """Separable resize of (B, C, *S) to size: area averaging along shrinking axes, linear along growing ones."""
     out = a
     for ax, n in enumerate(size):
         axis = 2 + ax
         if out.shape[axis] == n:
             continue
-        m = np_linear_matrix(out.shape[axis], n)
+        grow = n > out.shape[axis]
+        m = np_linear_matrix(out.shape[axis], n) if grow else np_area_matrix(out.shape[axis], n)
         out = np.moveaxis(np.tensordot(m, np.moveaxis(out, axis, 0), axes=(1, 0)), 0, axis)
     return out
 
