@@ -19,8 +19,8 @@ from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: Student's t quantile t_{0.975, 5} (two-sided 95 %, 5 degrees of freedom), from a printed t table
-T_975_DF5 = 2.570582
+#: Student's t quantile t_{0.975, 2} (two-sided 95 %, 2 degrees of freedom), from a printed t table
+T_975_DF2 = 4.302653
 
 
 def _cases(rows: dict[tuple[str, int], list[float]], rvd: dict[tuple[str, int], list[float]] | None = None) -> pd.DataFrame:
@@ -63,29 +63,79 @@ def test_build_table_by_hand():
     assert math.isnan(t.loc["teacher", "dsc_tumor_std"])  # one seed
     assert t.loc["teacher", "rvd_tumor_mean"] == pytest.approx(-0.05)  # NaN volume left out
     assert t.loc["teacher", "seeds"] == 1 and t.loc["hlfd", "seeds"] == 2 and t.loc["hlfd", "cases_per_seed"] == 3
-    # hlfd - student, same seed and case: 0.1, -0.1, 0.1 | 0.1, 0.2, 0.2 -> mean 0.1, SS 0.06, sd sqrt(0.06/5)
-    sd = math.sqrt(0.06 / 5)
-    half = T_975_DF5 * sd / math.sqrt(6)
-    assert t.loc["hlfd", "n_pairs"] == 6
-    assert t.loc["hlfd", "diff_mean"] == pytest.approx(0.1)
+    # per VOLUME, each averaged over seeds: student 0.45, 0.35, 0.25; hlfd 0.55, 0.40, 0.40 -> differences 0.10,
+    # 0.05, 0.15: n = 3 (not 6 volume x seed pairs), mean 0.1, sd 0.05, t interval with 2 degrees of freedom
+    half = T_975_DF2 * 0.05 / math.sqrt(3)
+    assert t.loc["hlfd", "n_volumes"] == 3
+    assert t.loc["hlfd", "diff_mean"] == pytest.approx(0.1) and t.loc["hlfd", "diff_sd"] == pytest.approx(0.05)
     assert t.loc["hlfd", "diff_ci_low"] == pytest.approx(0.1 - half, abs=1e-6)
     assert t.loc["hlfd", "diff_ci_high"] == pytest.approx(0.1 + half, abs=1e-6)
-    assert t.loc["hlfd", "share_better"] == pytest.approx(5 / 6)
-    # the teacher pairs with the seed-0 student only: 0.3, 0.3, 0.3
-    assert t.loc["teacher", "n_pairs"] == 3 and t.loc["teacher", "diff_mean"] == pytest.approx(0.3)
-    assert t.loc["student", "n_pairs"] == 0 and math.isnan(t.loc["student", "diff_mean"])
-    # gap closed = (0.45 - 0.35) / (0.7 - 0.35); undefined for the two references
+    assert (t.loc["hlfd", "wins"], t.loc["hlfd", "ties"], t.loc["hlfd", "losses"]) == (3, 0, 0)
+    assert t.loc["hlfd", "wilcoxon_p"] == pytest.approx(0.25)  # all 3 positive: 2 of 2^3 sign assignments as extreme
+    assert 0.05 - 1e-9 <= t.loc["hlfd", "diff_boot_low"] <= 0.1 <= t.loc["hlfd", "diff_boot_high"] <= 0.15 + 1e-9
+    # per-seed means listed apart: seed 0 (0.1 - 0.1 + 0.1) / 3, seed 1 (0.1 + 0.2 + 0.2) / 3
+    assert t.loc["hlfd", "diff_per_seed"] == "0: +0.0333; 1: +0.1667"
+    # the teacher (seed 0 only) against the student's seed mean per volume: 0.35, 0.25, 0.45
+    assert t.loc["teacher", "n_volumes"] == 3 and t.loc["teacher", "diff_mean"] == pytest.approx(0.35)
+    assert t.loc["teacher", "diff_per_seed"] == "0: +0.3000"
+    assert t.loc["student", "n_volumes"] == 0 and math.isnan(t.loc["student", "diff_mean"])
+    # gap closed = (0.45 - 0.35) / (0.7 - 0.35) of the per-volume means; undefined for the two references
     assert t.loc["hlfd", "gap_closed"] == pytest.approx(0.1 / 0.35)
+    assert t.loc["hlfd", "gap_boot_low"] <= 0.1 / 0.35 <= t.loc["hlfd", "gap_boot_high"]
     assert math.isnan(t.loc["teacher", "gap_closed"]) and math.isnan(t.loc["student", "gap_closed"])
     assert t.attrs["teacher_minus_student"] == pytest.approx(0.35) and t.attrs["notes"] == []
     # wall times: train mean per seed, train + evaluation summed over seeds
     assert t.loc["hlfd", "train_s"] == pytest.approx(10.0) and t.loc["hlfd", "wall_s"] == pytest.approx(24.0)
     md = format_markdown(build_table(cases, runs), ["protocol line"])
     row = next(line for line in md.splitlines() if line.startswith("| HLFD |"))
-    assert f"+0.100 [{0.1 - half:+.3f}, {0.1 + half:+.3f}]" in row and "| 83% |" in row and "| +0.29 |" in row
-    assert "| 0.450 ± 0.024 |" in row
-    assert "t interval" in md.replace("Student-t interval", "t interval") and "protocol line" in md
+    assert f"| +0.100 [{0.1 - half:+.3f}, {0.1 + half:+.3f}] |" in row and "| 0.250 | 3 | 3 / 0 / 0 |" in row
+    assert "| 0: +0.0333; 1: +0.1667 |" in row and "| +0.29 [" in row and "| 0.450 ± 0.024 |" in row
+    assert "the unit is the test VOLUME" in md and "exact two-sided Wilcoxon" in md and "protocol line" in md
     assert "WARNING" not in md
+
+
+def test_build_table_six_volumes_three_seeds_two_folds():
+    """6 volumes x 3 seeds in 2 folds: 6 paired volumes; the differences are those of the seed means."""
+    rows = []
+    for arm, base in (("teacher", 0.8), ("student", 0.3), ("hlfd", 0.35)):
+        for seed in (0,) if arm == "teacher" else (0, 1, 2):
+            for v in range(6):
+                rows.append({"arm": arm, "fold": v // 3, "seed": seed, "case": f"v{v}", "dsc_tumor": base + 0.01 * v * (seed + 1) * (arm == "hlfd"),
+                             "rvd_tumor": 0.0, "dsc_organ": 0.9})  # fmt: skip
+    t = build_table(pd.DataFrame(rows)).set_index("arm")
+    # hlfd - student of volume v: 0.05 + 0.01 v (1 + 2 + 3) / 3 = 0.05 + 0.02 v
+    d = [0.05 + 0.02 * v for v in range(6)]
+    assert t.loc["hlfd", "n_volumes"] == 6 and t.loc["hlfd", "folds"] == 2
+    assert t.loc["hlfd", "diff_mean"] == pytest.approx(sum(d) / 6)
+    assert t.loc["hlfd", "diff_sd"] == pytest.approx(pd.Series(d).std(ddof=1))
+    assert t.loc["hlfd", "wilcoxon_p"] == pytest.approx(2 / 2**6) and t.loc["hlfd", "wins"] == 6
+    assert t.attrs["folds"] == 2 and "folds drawn with replacement" in format_markdown(build_table(pd.DataFrame(rows)))
+    with pytest.raises(ValueError, match="volume 'v0' .*appears twice for arm 'hlfd' seed 0"):
+        build_table(pd.concat([pd.DataFrame(rows), pd.DataFrame(rows[-18:-17])]))
+
+
+def test_validation_gate_by_hand(caplog):
+    """The runner's gate: a KD run whose best validation tumor DSC is below the student's of its seed is named."""
+    runs = pd.DataFrame(
+        [
+            {"arm": "teacher", "seed": 0, "train_s": 1.0, "eval_s": 1.0, "best_val": 0.9},
+            {"arm": "student", "seed": 0, "train_s": 1.0, "eval_s": 1.0, "best_val": 0.50},
+            {"arm": "student", "seed": 1, "train_s": 1.0, "eval_s": 1.0, "best_val": 0.40},
+            {"arm": "hlfd", "seed": 0, "train_s": 1.0, "eval_s": 1.0, "best_val": 0.45},
+            {"arm": "hlfd", "seed": 1, "train_s": 1.0, "eval_s": 1.0, "best_val": 0.48},
+        ]
+    )
+    gate = ex.validation_gate(runs)
+    assert list(gate["arm"]) == ["hlfd", "hlfd"] and list(gate["lost"]) == [True, False]
+    assert list(gate["val_diff"]) == [pytest.approx(-0.05), pytest.approx(0.08)]
+    with caplog.at_level(logging.WARNING, logger="pipelines.experiment"):
+        t = build_table(_cases(HAND), runs)
+    assert "distillation lost on validation: hlfd seed 0 best validation tumor DSC 0.4500 < student 0.5000" in caplog.text
+    row = t.set_index("arm").loc["hlfd"]
+    assert row["val_vs_student"] == pytest.approx(0.015) and row["val_lost"] == 1
+    assert math.isnan(t.set_index("arm").loc["teacher", "val_vs_student"])  # the teacher is not gated
+    md = format_markdown(t)
+    assert "**WARNING**: distillation lost on validation: hlfd seed 0" in md and "| +0.015 (lost 1) |" in md
 
 
 def test_teacher_not_better_warns(caplog):
@@ -164,19 +214,29 @@ def test_paper_preset_and_explicit_knobs(tmp_path):
 
 
 def _fake_bundles(monkeypatch, calls: list[tuple[str, str, dict]], crash: dict) -> None:
-    """Replace the bundle runs by a recorder writing a checkpoint and a per-case CSV (seeded values per role);
-    the training of ``crash["arm"]`` (arm, seed) raises."""
+    """Replace the bundle runs by a recorder writing a checkpoint (with the split beside it, as the checkpointer
+    does), a ``val_history.csv`` and a per-case CSV (seeded values per role); the training of ``crash["arm"]``
+    (arm, seed[, fold]) raises."""
+    import shutil
+
+    import torch
+
+    from pipelines.engine.tracking import file_sha256
 
     def fake(run_id: str, role: str, config: str, **kw):
         calls.append((run_id, role, kw))
         out = Path(kw["output_dir"])
         if run_id == "training":
             arm = kw["run_tags"]["ctdistill_arm"]
-            if (arm, kw["seed"]) == crash.get("arm"):
+            fold = kw["run_tags"].get("ctdistill_fold")
+            if (arm, kw["seed"]) == crash.get("arm") or (arm, kw["seed"], fold) == crash.get("arm"):
                 (out / "partial.txt").write_text("interrupted")
                 raise RuntimeError("simulated crash")
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (out / "checkpoints" / "best.pt").write_bytes(b"")
+            torch.save({"model": {}, "splits_sha256": file_sha256(kw["splits_file"])}, out / "checkpoints" / "best.pt")
+            shutil.copy(kw["splits_file"], out / "checkpoints" / "splits.json")
+            best = {"resnet18_student": 0.5, "kd_baselines": 0.45, "hlfd": 0.55}.get(role, 0.8)
+            (out / "val_history.csv").write_text(f"epoch,dsc_tumor,dsc_organ\n1,{best - 0.1},0.9\n2,{best},0.9\n")
             return
         split = json.loads(Path(kw["splits_file"]).read_text())
         base = {"unetpp_teacher": 0.7, "resnet18_student": 0.3, "kd_baselines": 0.4, "hlfd": 0.5}[role] + 0.01 * kw["seed"]
@@ -196,13 +256,14 @@ class _FakeTracker:
     def open_parent(self, previous, params) -> str:
         return self.parent_id
 
-    def child_tags(self, arm: str, seed: int, stage: str) -> dict[str, str]:
-        return {"mlflow.parentRunId": self.parent_id, "ctdistill_arm": arm, "ctdistill_seed": str(seed), "ctdistill_stage": stage}
+    def child_tags(self, arm: str, seed: int, stage: str, fold: int | None = None) -> dict[str, str]:
+        tags = {"mlflow.parentRunId": self.parent_id, "ctdistill_arm": arm, "ctdistill_seed": str(seed), "ctdistill_stage": stage}
+        return tags if fold is None else {**tags, "ctdistill_fold": str(fold)}
 
-    def fail_open(self, arm: str, seed: int) -> None:
+    def fail_open(self, arm: str, seed: int, fold: int | None = None) -> None:
         pass
 
-    def run_id(self, arm: str, seed: int, stage: str) -> str:
+    def run_id(self, arm: str, seed: int, stage: str, fold: int | None = None) -> str:
         return ""
 
     def finish(self, table, files, status: str = "FINISHED") -> None:
