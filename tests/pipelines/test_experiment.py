@@ -195,6 +195,9 @@ def test_ablation_arms_switch_one_term_on():
         (["--epochs", "10", "--teacher-warmup-epochs", "10"], "--teacher-warmup-epochs: must be in [0, teacher epochs)"),
         (["--teacher-grad-clip", "-1"], "--teacher-grad-clip: must be a number >= 0"),
         (["--kd-warmup-epochs", "nan"], "--kd-warmup-epochs: must be a number >= 0"),
+        (["--folds", "1"], "--folds: must be an integer >= 2"),
+        (["--folds", "7", "--cases", "6"], "--folds: 7 folds of 6 labelled case(s)"),
+        (["--kd-balance-ratio", "-1"], "--kd-balance-ratio: must be a number > 0"),
     ],
 )
 def test_cli_rejects_bad_knobs_before_any_work(argv, message, tmp_path, capsys):
@@ -404,3 +407,141 @@ def test_recipe_knobs_reach_only_their_arms(tmp_path, monkeypatch):
     assert "kd_warmup_epochs" not in trains["teacher"] and "kd_warmup_epochs" not in trains["student"]
     assert "warmup_epochs" not in trains["student"] and "grad_clip" not in trains["hinton"]
     assert trains["hinton"]["kd_warmup_epochs"] == 1.5
+
+
+def test_folds_every_volume_tested_once_teacher_per_fold_and_resume(tmp_path, monkeypatch):
+    """--folds 3 on 9 cases (fake bundles): 3 disjoint test folds covering every case, one teacher per fold that the
+    fold's KD arms distil from, each volume once per arm and seed in cases.csv, 9 paired volumes; resume after a crash."""
+    monkeypatch.setattr(ex, "_Tracker", _FakeTracker)
+    tmp_path = tmp_path.resolve()
+    calls: list = []
+    crash = {"arm": ("hinton", 1, "1")}
+    _fake_bundles(monkeypatch, calls, crash)
+    cfg = ex.preset_config(
+        out=tmp_path / "exp", methods=("hinton",), seeds=(0, 1), cases=9, size=32, epochs=2, folds=3,
+        teacher_features=(4, 8, 16, 32), student_base_width=8,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ex.run_experiment(cfg)
+    record = json.loads((tmp_path / "exp/folds.json").read_text())
+    assert record["folds"] == 3 and len(record["cases"]) == 9
+    assert sorted(list(record["cases"].values()).count(f) for f in range(3)) == [3, 3, 3]
+    tests = []
+    for f, entry in enumerate(record["splits"]):
+        split = json.loads(Path(entry["file"]).read_text())
+        test = {e["case"] for e in split["test"]}
+        seen = {e["case"] for e in split["training"] + split["validation"]}
+        assert test == {c for c, k in record["cases"].items() if k == f} and not test & seen and len(test | seen) == 9
+        assert split["validation"] and split["meta"]["cross_validation"] == {"folds": 3, "test_fold": f}
+        tests.append(test)
+    assert set().union(*tests) == set(record["cases"])  # every case is a test case exactly once
+    trains = [kw for r, _, kw in calls if r == "training"]
+    teachers = [kw for kw in trains if kw["run_tags"]["ctdistill_arm"] == "teacher"]
+    assert [kw["splits_file"] for kw in teachers] == [e["file"] for e in record["splits"][:2]]  # crashed in fold 1
+    for kw in trains:  # every run of fold f reads split f; KD arms distil from fold f's teacher
+        f = int(kw["run_tags"]["ctdistill_fold"])
+        assert kw["splits_file"] == record["splits"][f]["file"] and Path(kw["output_dir"]).parent.name == f"fold{f}"
+        if "teacher_ckpt" in kw:
+            assert kw["teacher_ckpt"] == str(tmp_path / f"exp/runs/teacher/fold{f}/seed0/checkpoints/best.pt")
+    calls.clear()
+    crash.clear()
+    table = ex.run_experiment(ex.replace(cfg, resume=True))
+    ran = [(r, kw["run_tags"]["ctdistill_arm"], kw["seed"], kw["run_tags"]["ctdistill_fold"]) for r, _, kw in calls]
+    assert ran[:2] == [("training", "hinton", 1, "1"), ("evaluating", "hinton", 1, "1")]
+    assert all(f == "2" for *_, f in ran[2:]) and len(ran) == 2 + 2 * 5  # fold 2: teacher, 2 x (student, hinton)
+    cases = pd.read_csv(tmp_path / "exp/cases.csv", dtype={"case": str})
+    assert len(cases) == (1 + 2 * 2) * 9 and not cases.duplicated(["arm", "seed", "case"]).any()
+    assert set(cases.groupby(["arm", "seed"])["case"].nunique()) == {9}
+    t = table.set_index("arm")
+    assert t.loc["hinton", "n_volumes"] == 9 and t.loc["hinton", "folds"] == 3
+    runs = pd.read_csv(tmp_path / "exp/runs.csv")
+    assert len(runs) == 3 * 5 and set(runs["fold"]) == {0, 1, 2}
+    assert t.loc["hinton", "val_vs_student"] == pytest.approx(-0.05) and t.loc["hinton", "val_lost"] == 6  # fake best 0.45 < 0.5
+    assert "3-fold cross-validation" in (tmp_path / "exp/table.md").read_text()
+    # a teacher trained on fold 0's split saw the test cases of folds 1 and 2: refused before any training
+    calls.clear()
+    monkeypatch.setattr(ex, "_check_teacher", lambda cfg, arms: None)
+    teacher = tmp_path / "exp/runs/teacher/fold0/seed0/checkpoints/best.pt"
+    with pytest.raises(ConfigError, match=r"--teacher-ckpt: .*trained or validated on 3 test case\(s\) of fold 1 of this experiment \("):
+        ex.run_experiment(ex.replace(cfg, out=tmp_path / "exp3", teacher_ckpt=teacher))
+    assert calls == []
+
+
+def _split(path: Path, training: list[str], validation: list[str], test: list[str]) -> Path:
+    def entries(names):
+        return [{"image": f"/data/{n}/imaging.nii.gz", "label": f"/data/{n}/segmentation.nii.gz", "case": n} for n in names]
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"training": entries(training), "validation": entries(validation), "test": entries(test)}))
+    return path
+
+
+def _teacher(folder: Path, split: Path | None, recorded: str | None = None) -> Path:
+    import shutil
+
+    import torch
+
+    from pipelines.engine.tracking import file_sha256
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sha = recorded if recorded is not None else (file_sha256(split) if split else "")
+    torch.save({"model": {}, "splits_sha256": sha}, folder / "best.pt")
+    if split is not None:
+        shutil.copy(split, folder / "splits.json")
+    return folder / "best.pt"
+
+
+def test_reused_teacher_that_saw_a_test_case_is_refused(tmp_path):
+    from pipelines.engine.tracking import file_sha256
+
+    experiment = _split(tmp_path / "exp/splits.json", ["c1", "c2", "c3"], ["c4"], ["c5", "c6"])
+    # trained on c5 (validated on c6): both are test cases of the experiment
+    leaky = _teacher(tmp_path / "t1", _split(tmp_path / "s1.json", ["c1", "c5"], ["c6"], ["c2"]))
+    with pytest.raises(ConfigError, match=r"^--teacher-ckpt: .*t1/best.pt was trained or validated on 2 test case\(s\) of this experiment \(c5, c6;"):
+        ex.check_teacher_split(leaky, [experiment])
+    # its own split, disjoint from the test cases: accepted
+    ex.check_teacher_split(_teacher(tmp_path / "t2", _split(tmp_path / "s2.json", ["c1", "c2"], ["c3"], ["c5", "c6"])), [experiment])
+    # no split beside it, but it records this very split's SHA-256: accepted
+    ex.check_teacher_split(_teacher(tmp_path / "t3", None, recorded=file_sha256(experiment)), [experiment])
+    # no split beside it and another split recorded: cannot be verified, refused
+    with pytest.raises(ConfigError, match=r"--teacher-ckpt: .*cannot tell which cases it was trained on \(its recorded split sha256 abc"):
+        ex.check_teacher_split(_teacher(tmp_path / "t4", None, recorded="abc" * 20), [experiment])
+    # a split beside it that is not the one it records: not trusted
+    mismatched = _teacher(tmp_path / "t5", _split(tmp_path / "s5.json", ["c1"], ["c2"], []), recorded="f" * 64)
+    with pytest.raises(ConfigError, match="cannot tell which cases"):
+        ex.check_teacher_split(mismatched, [experiment])
+    # folds: the overlapping fold is named
+    fold1 = _split(tmp_path / "exp/folds/fold1.json", ["c5", "c6", "c4"], ["c3"], ["c1", "c2"])
+    with pytest.raises(ConfigError, match=r"on 1 test case\(s\) of fold 1 of this experiment \(c1;"):
+        ex.check_teacher_split(_teacher(tmp_path / "t6", _split(tmp_path / "s6.json", ["c1", "c3"], ["c4"], ["c5", "c6"])), [experiment, fold1])
+
+
+def test_new_arms_and_their_overrides(tmp_path, monkeypatch):
+    """The issue's arms: knob names the KD roles read (kd_method cwd/dist, kd_balance grad, kd_mask teacher_correct);
+    --kd-balance-ratio reaches the balanced arms only."""
+    assert (ex.ARMS["cwd"].role, ex.ARMS["cwd"].overrides) == ("kd_baselines", {"kd_method": "cwd"})
+    assert (ex.ARMS["dist"].role, ex.ARMS["dist"].overrides) == ("kd_baselines", {"kd_method": "dist"})
+    assert (ex.ARMS["hinton_masked"].role, ex.ARMS["hinton_masked"].overrides) == ("kd_baselines", {"kd_method": "hinton", "kd_mask": "teacher_correct"})
+    assert (ex.ARMS["hlfd_balanced"].role, ex.ARMS["hlfd_balanced"].overrides) == ("hlfd", {"kd_balance": "grad"})
+    assert ex.ARMS["hlfd_wo_ifd_balanced"].overrides == {"kd_weights": {"ufd": 1.0, "ifd": 0.0, "upd": 1.0, "ipd": 1.0}, "kd_balance": "grad"}
+    assert all(ex.ARMS[a].distils for a in ("cwd", "dist", "hinton_masked", "hlfd_balanced", "hlfd_wo_ifd_balanced"))
+    monkeypatch.setattr(ex, "_Tracker", _FakeTracker)
+    calls: list = []
+    _fake_bundles(monkeypatch, calls, {})
+    cfg = ex.preset_config(
+        out=tmp_path.resolve() / "exp", methods=("hlfd_balanced", "hinton_masked", "dist"), seeds=(0,), cases=6, size=32,
+        epochs=2, teacher_features=(4, 8, 16, 32), student_base_width=8, kd_balance_ratio=0.5,
+    )  # fmt: skip
+    ex.run_experiment(cfg)
+    trains = {kw["run_tags"]["ctdistill_arm"]: kw for r, _, kw in calls if r == "training"}
+    assert trains["hlfd_balanced"]["kd_balance"] == "grad" and trains["hlfd_balanced"]["kd_balance_ratio"] == 0.5
+    assert trains["hinton_masked"]["kd_mask"] == "teacher_correct" and "kd_balance_ratio" not in trains["hinton_masked"]
+    assert trains["dist"]["kd_method"] == "dist" and "kd_balance_ratio" not in trains["student"]
+    with pytest.raises(ConfigError, match="--kd-balance-ratio: must be a number > 0"):
+        ex.validate_config(ex.replace(cfg, out=tmp_path / "x", kd_balance_ratio=0.0))
+
+
+def test_best_validation_reads_val_history(tmp_path):
+    assert math.isnan(ex.best_validation(tmp_path))  # never validated
+    (tmp_path / "val_history.csv").write_text("epoch,dsc_tumor,dsc_organ\n1,0.2,0.9\n2,,0.9\n3,0.35,0.8\n4,0.3,0.95\n")
+    assert ex.best_validation(tmp_path) == pytest.approx(0.35)

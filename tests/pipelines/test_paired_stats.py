@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.paired_stats import bootstrap_weights, compare_volumes, per_seed_differences, per_volume, t_interval, wilcoxon_exact
+from pipelines.paired_stats import (
+    bootstrap_weights,
+    compare_volumes,
+    per_seed_differences,
+    per_volume,
+    t_interval,
+    wilcoxon_exact,
+)
 
 #: Student's t quantiles t_{0.975, df}, from a printed t table
 T_975 = {2: 4.302653, 3: 3.182446}
