@@ -1,36 +1,60 @@
 """The HLFD paper's Table 1 as one command: teacher, student without KD, HLFD and the KD baselines, over seeds.
 
-``python -m pipelines.experiment --methods hlfd,hinton --seeds 3 --out experiment_out``
+``python -m pipelines.experiment --methods hlfd,hinton --seeds 3 --out experiment_out`` (add ``--folds 5`` for
+5-fold cross-validation).
 
 Every arm runs through its bundle exactly as a user runs it (``monai.bundle.run("training", config_file=
 "bundles/<role>/configs/train.yaml", ...)`` then ``evaluating`` with ``evaluate.yaml``, in this process) into
-``<out>/runs/<arm>/seed<k>/``:
+``<out>/runs/<arm>/seed<k>/`` (``<out>/runs/<arm>/fold<f>/seed<k>/`` with ``--folds``):
 
-- ``teacher``: ``bundles/unetpp_teacher``, trained ONCE (seed 0; or ``--teacher-ckpt`` reuses a trained one, which
-  is evaluated too); every KD arm of every seed distils from that one checkpoint;
+- ``teacher``: ``bundles/unetpp_teacher``, trained ONCE per split (seed 0; or ``--teacher-ckpt`` reuses a trained
+  one, which is evaluated too); every KD arm of every seed distils from that one checkpoint;
 - ``student``: ``bundles/resnet18_student`` (no KD), once per seed: the reference of every comparison;
-- ``hlfd``: ``bundles/hlfd``; ``hinton``, ``skd``, ``imf``, ``emkd``, ``hifd``: ``bundles/kd_baselines`` with
-  ``--kd_method``; ``hlfd_ufd``, ``hlfd_ifd``, ``hlfd_upd``, ``hlfd_ipd``: HLFD with only that term on (``--kd_weights``).
+- ``hlfd``: ``bundles/hlfd``; ``hinton``, ``skd``, ``imf``, ``emkd``, ``hifd``, ``cwd`` (channel-wise distillation,
+  Shu et al. ICCV 2021), ``dist`` (DIST, Huang et al. NeurIPS 2022): ``bundles/kd_baselines`` with ``--kd_method``;
+  ``hinton_masked``: Hinton KD with ``--kd_mask teacher_correct``; ``hlfd_balanced`` and ``hlfd_wo_ifd_balanced``:
+  HLFD (without IFD) with ``--kd_balance grad`` (``--kd-balance-ratio`` sets their ``--kd_balance_ratio``);
+  ``hlfd_ufd``, ``hlfd_ifd``, ``hlfd_upd``, ``hlfd_ipd``: HLFD with only that term on, ``hlfd_wo_<term>`` without
+  it (``--kd_weights``).
 
-Equal epochs and equal data for every student arm: one dataset, ONE split file (``<out>/splits.json``, written once
-before any arm runs and passed to every bundle as ``--splits_file``), the same epochs, batch, samples per volume,
-sizes and learning rate. The teacher may train longer (``--teacher-epochs``). The dataset is checked once
-(``pipelines.check_dataset``) before any arm runs; the bundles then skip their own copy of that check.
+Equal epochs and equal data for every student arm: one dataset, ONE split file per split (``<out>/splits.json``,
+written once before any arm runs and passed to every bundle as ``--splits_file``), the same epochs, batch, samples
+per volume, sizes and learning rate. The teacher may train longer (``--teacher-epochs``). The dataset is checked
+once (``pipelines.check_dataset``) before any arm runs; the bundles then skip their own copy of that check.
 
-Outputs in ``--out``: ``cases.csv`` (one row per arm, seed and held-out volume, every column of the evaluation's
-per-case CSV), ``runs.csv`` (one row per arm and seed: wall times, checkpoint, MLflow run ids), ``table.csv`` and
-``table.md`` (per arm: mean ± std over seeds of the per-seed mean tumor DSC, tumor RVD and organ DSC; the paired
-tumor-DSC difference to the student over volumes x seeds with a 95 % t-interval; the share of pairs the arm wins;
-the share of the teacher-student gap closed; wall times).
+``--folds K``: K-fold cross-validation. The labelled cases are shuffled (``--data-seed``) and dealt into K folds;
+split k (``<out>/folds/fold<k>.json``, the bundles' split format) has fold k's cases as ``test``, 20 % of the
+others as ``validation`` and the rest as ``training``; ``<out>/folds.json`` records every case's fold and every
+split file's SHA-256. The teacher is trained per fold and every arm and seed runs per fold, so every labelled volume
+is a test volume exactly once (30 label maps: 30 paired test volumes).
+
+Outputs in ``--out``: ``cases.csv`` (one row per arm, [fold,] seed and test volume, every column of the evaluation's
+per-case CSV), ``runs.csv`` (one row per run: wall times, best validation tumor DSC, checkpoint, MLflow run ids),
+``table.csv`` and ``table.md`` (per arm: mean ± std over seeds of the per-seed mean tumor DSC, tumor RVD and organ
+DSC; against the student, per TEST VOLUME with each volume's scores averaged over seeds
+(:mod:`pipelines.paired_stats`): the mean paired tumor-DSC difference with a 95 % t-interval over volumes, an exact
+Wilcoxon signed-rank p, wins / ties / losses, the per-seed mean differences listed apart, bootstrap intervals
+(volumes resampled, hierarchically within resampled folds) of the difference and of the share of the
+teacher-student gap closed; the validation gate; wall times).
+
+Validation gate: after every KD run, its best validation tumor DSC (``val_history.csv``, what chose its
+``best.pt``) is compared with the student's of the same fold and seed; a lower one is logged as a WARNING
+"distillation lost on validation", listed under the table and in its ``val vs student`` column, and recorded on the
+MLflow parent run (metrics ``<arm>.val_vs_student``, ``<arm>.val_lost``, tag ``validation_gate``).
+
+A reused teacher (``--teacher-ckpt``) is refused, before any training, when the split it was trained on (the
+``splits.json`` beside it whose SHA-256 is the ``splits_sha256`` it records) lists a test case of the experiment
+(of any fold) among its training or validation cases, or when that cannot be told (:func:`check_teacher_split`).
 
 MLflow: one store (``sqlite:///<out>/mlruns.db`` or ``--tracking-uri``), one PARENT run per experiment (its
 parameters, the summary metrics, the table files as artifacts); every bundle run is its CHILD: the bundles' knob
-``--run_tags`` sets ``mlflow.parentRunId`` (plus ``ctdistill_arm``, ``ctdistill_seed``, ``ctdistill_stage``) on
-the runs MONAI's MLflow handler creates.
+``--run_tags`` sets ``mlflow.parentRunId`` (plus ``ctdistill_arm``, ``ctdistill_seed``, ``ctdistill_stage`` and,
+with folds, ``ctdistill_fold``) on the runs MONAI's MLflow handler creates.
 
-``--resume`` skips every (arm, seed) whose evaluation finished (``done.json``, written atomically after the
-evaluation, names its per-case CSV); an arm that did not finish is run again from scratch (its folder is cleared;
-its MLflow runs left open are marked FAILED). Without ``--resume`` an ``--out`` holding finished arms is refused.
+``--resume`` skips every run whose evaluation finished (``done.json``, written atomically after the evaluation, names
+its per-case CSV); a run that did not finish is run again from scratch (its folder is cleared; its MLflow runs left
+open are marked FAILED). Without ``--resume`` an ``--out`` holding finished arms is refused; with it, other settings
+(``--folds`` included) are refused.
 """
 
 from __future__ import annotations

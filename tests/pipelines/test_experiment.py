@@ -374,7 +374,10 @@ def test_tiny_experiment_end_to_end(tmp_path, capsys):
     exp = client.get_experiment_by_name("ctdistill_experiment")
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.params["seeds"] == "0,1" and parent.data.params["splits_sha256"]
-    assert "hinton.dsc_tumor_mean" in parent.data.metrics
+    assert "hinton.dsc_tumor_mean" in parent.data.metrics and "hinton.wilcoxon_p" in parent.data.metrics
+    assert parent.data.tags["validation_gate"] == "passed" or "distillation lost on validation" in parent.data.tags["validation_gate"]
+    runs = pd.read_csv(out / "runs.csv")
+    assert "best_val" in runs.columns
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"table.md", "table.csv", "cases.csv"}
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 10 and all(r.info.status == "FINISHED" for r in children)
