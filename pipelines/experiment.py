@@ -1404,7 +1404,8 @@ def _gate_now(record: Mapping[str, Any], done: Sequence[Mapping[str, Any]], fold
         if g["lost"]:
             logger.warning(_gate_message(g, folds))
         elif not math.isnan(g["val_diff"]):
-            logger.info("validation gate: %s seed %s best validation tumor DSC %.4f vs student %.4f (%+.4f)", g["arm"], g["seed"], g["best_val"], g["reference_val"], g["val_diff"])
+            where = (f"fold {g['fold']} " if folds else "") + f"seed {g['seed']}"
+            logger.info("validation gate passed: %s %s best validation tumor DSC %.4f vs student %.4f (%+.4f)", g["arm"], where, g["best_val"], g["reference_val"], g["val_diff"])
 
 
 def _run_arm(
