@@ -48,7 +48,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-VOLUME_COLUMNS = ("case", "organ_ml", "tumor_ml", "organ_and_tumor_ml", "output")
+VOLUME_COLUMNS = ("case", "organ_ml", "tumor_ml", "organ_and_tumor_ml", "labels", "output")
+#: ``labels``: what the label values mean, e.g. ``0=background;1=kidney;2=kidney tumor`` (absent from older CSVs)
+_OPTIONAL_COLUMNS = ("labels",)
 #: the output folder's record of the label maps written into it (the only existing files inference may replace)
 VOLUMES_CSV = "volumes.csv"
 #: DICOM series converted to NIfTI go here, inside the output folder
@@ -106,7 +108,7 @@ def previous_outputs(output_dir: str | os.PathLike) -> dict[str, list[str]]:
         output_dir: the inference output folder.
 
     Returns:
-        ``{file name: [case, organ_ml, tumor_ml, organ_and_tumor_ml, output]}``; empty without a readable
+        ``{file name: [case, organ_ml, tumor_ml, organ_and_tumor_ml, labels, output]}``; empty without a readable
         ``volumes.csv`` (then no existing file may be replaced).
     """
     path = Path(output_dir) / VOLUMES_CSV
@@ -115,10 +117,10 @@ def previous_outputs(output_dir: str | os.PathLike) -> dict[str, list[str]]:
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or not set(VOLUME_COLUMNS) <= set(reader.fieldnames):
+            if not reader.fieldnames or not set(VOLUME_COLUMNS) - set(_OPTIONAL_COLUMNS) <= set(reader.fieldnames):
                 logger.warning("%s is not a volumes.csv of this tool (columns %s): no existing output is replaced", path, reader.fieldnames)
                 return {}
-            rows = [[row[c] for c in VOLUME_COLUMNS] for row in reader]
+            rows = [[row.get(c) or "" for c in VOLUME_COLUMNS] for row in reader]
     except (OSError, csv.Error, UnicodeDecodeError) as e:
         logger.warning("cannot read %s (%s): no existing output is replaced", path, e)
         return {}
@@ -404,14 +406,15 @@ class WriteLabelMapd(MapTransform):
             organ = float((arr == self.organ_label).sum()) * vox
             tumor = float((arr == self.tumor_label).sum()) * vox
             self.rows = [r for r in self.rows if Path(str(r[-1])).name != Path(written_to).name]
-            self.rows.append([case_id(src), organ, tumor, organ + tumor, str(written_to)])
+            meanings = ";".join(f"{v}={n}" for v, n in sorted((self.label_names or {}).items()))
+            self.rows.append([case_id(src), organ, tumor, organ + tumor, meanings, str(written_to)])
             write_csv_atomic(self.output_dir / VOLUMES_CSV, VOLUME_COLUMNS, self.all_rows())
             logger.info("wrote %s (organ %.1f mL, tumor %.1f mL)", target, organ, tumor)
         return d
 
 
 class VolumesCsvWriter:
-    """At the end of inference, write ``volumes.csv`` (``case, organ_ml, tumor_ml, organ_and_tumor_ml, output``).
+    """At the end of inference, write ``volumes.csv`` (``case, organ_ml, tumor_ml, organ_and_tumor_ml, labels, output``).
 
     Args:
         writer: the :class:`WriteLabelMapd` of the postprocessing chain (its recorded rows are written, with the
