@@ -188,6 +188,10 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float))
 
 
+#: top-level keys that are not settings of the run: how it is started (a resumed run would otherwise "change" them)
+_NOT_PARAMS = ("imports", "resume", "overwrite", "progress")
+
+
 def config_knobs(parser: Any = None) -> dict[str, Any]:
     """The knobs of the running bundle config (CLI overrides applied): its top-level plain values.
 
@@ -197,12 +201,13 @@ def config_knobs(parser: Any = None) -> dict[str, Any]:
 
     Returns:
         ``{key: value}`` of the top-level keys whose value is plain (no ``$``/``@``/``%``, no ``_target_``), e.g.
-        ``epochs``, ``lr_min``, ``warmup_epochs``, ``grad_clip``, ``deep_supervision``; ``{}`` outside a bundle.
+        ``epochs``, ``lr_min``, ``warmup_epochs``, ``grad_clip``, ``deep_supervision`` (not ``resume``, ``overwrite``,
+        ``progress``: how a run is started, not what it does); ``{}`` outside a bundle.
     """
     parser = parser if parser is not None else _find_parser()
     if parser is None:
         return {}
-    return {k: v for k, v in parser.get().items() if not k.startswith("_") and k != "imports" and _plain(v)}
+    return {k: v for k, v in parser.get().items() if not k.startswith("_") and k not in _NOT_PARAMS and _plain(v)}
 
 
 def _find_parser() -> Any:
