@@ -227,3 +227,28 @@ def test_send_knob_is_validated(bad):
     with pytest.raises(ValueError, match="HOST:PORT AE_TITLE"):
         parse_send(bad)
     assert parse_send("pacs.local:11112 ORTHANC") == ("pacs.local", 11112, "ORTHANC") and parse_send("null") is None
+
+
+def test_anonymised_series_gets_derived_uids_with_a_warning(shared_data, tmp_path, caplog):
+    """The shared series has no Study/Series/SOP UIDs in its data sets (anonymised): the SEG takes the SOP UIDs from
+    the file meta, derives the study/series UIDs (the same on every write) and says a PACS cannot link it."""
+    import logging
+
+    import highdicom as hd
+
+    from pipelines.engine.dicom_seg import DicomSegWriter, _scan
+
+    src = shared_data / SERIES
+    [series] = _scan(src)
+    labels = np.zeros(series.shape, np.uint8)
+    labels[100:200, 150:300, 5:9] = 1
+    labels[120:140, 160:180, 6:8] = 2
+    writer = DicomSegWriter("lits", "ctdistill test", "0 weights 0")
+    with caplog.at_level(logging.WARNING, logger="pipelines.engine.dicom_seg"):
+        first = hd.seg.segread(writer(labels, series.affine, tmp_path / "a" / "case.nii.gz", dicom_dir=str(src)))
+        second = hd.seg.segread(writer(labels, series.affine, tmp_path / "b" / "case.nii.gz", dicom_dir=str(src)))
+    assert "cannot link" in caplog.text
+    assert first.ReferencedSeriesSequence[0].SeriesInstanceUID == second.ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert first.SOPInstanceUID != second.SOPInstanceUID  # each SEG is its own instance
+    assert [s.SegmentLabel for s in first.SegmentSequence] == ["liver", "liver tumor"]
+    assert int(first.NumberOfFrames) == 4 + 2  # organ on 4 slices, tumor on 2: empty frames are left out
