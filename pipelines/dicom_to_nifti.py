@@ -41,7 +41,7 @@ import numpy as np
 
 from pipelines.engine.data import save_nifti
 
-__all__ = ["GAP_TOLERANCE", "TILT_WARN_DEGREES", "gantry_tilt_degrees", "SeriesInfo", "DicomSeriesError", "scan_series", "series_affine", "convert_dicom", "main"]
+__all__ = ["GAP_TOLERANCE", "TILT_WARN_DEGREES", "gantry_tilt_degrees", "SeriesInfo", "DicomSeriesError", "scan_series", "ordered_slices", "series_affine", "convert_dicom", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -326,6 +326,24 @@ def _validate(series: SeriesInfo) -> tuple[list[_Slice], list[str]]:
                     f"the median {median:.3f} mm: {where} (missing slices?)"
                 )
     return slices, problems
+
+
+def ordered_slices(series: SeriesInfo) -> list[_Slice]:
+    """The slices of a series in the order of the converted volume's last axis (along the slice normal).
+
+    Args:
+        series: one series of :func:`scan_series`.
+
+    Returns:
+        the slices, ``[k]`` being ``volume[:, :, k]`` of :func:`convert_dicom` (with :func:`series_affine`).
+
+    Raises:
+        DicomSeriesError: the series cannot be converted (the problems of :func:`convert_dicom`).
+    """
+    slices, problems = _validate(series)
+    if problems:
+        raise DicomSeriesError("; ".join(problems))
+    return slices
 
 
 def gantry_tilt_degrees(slices: Sequence[_Slice]) -> float:

@@ -13,11 +13,15 @@ The zip holds one folder ``<name>/`` laid out as the MONAI bundle specification 
   (inference and evaluation only; nothing points into this repository); ``metadata.json`` (valid against the zoo
   schema shipped in ``bundles/schema/``, with the versions installed here and the network's exact input/output
   shapes);
-- ``models/model.pt``: the network's weights with the settings that rebuild it (name, kwargs, preprocessing); no
-  optimizer, scheduler, distiller or trainer state. Optionally ``models/model.ts`` (TorchScript, traced) and
-  ``models/model.onnx``;
+- ``models/model.pt``: the network's weights as a plain state dict (what the zoo's ``ckpt_export`` loads by
+  default); the settings that rebuild the network (name, kwargs, preprocessing) are the ``ctdistill`` section of
+  ``metadata.json``, which the exported configs read (``pipelines.engine.settings_from_metadata``). Optionally
+  ``models/model.ts`` (TorchScript, traced) and ``models/model.onnx``;
 - ``docs/README.md`` (what the model is, its data and preprocessing, its recorded validation score, how to run
-  it, intended use) and ``LICENSE``.
+  it, intended use), ``docs/data_license.txt`` (the training data's licences) and ``LICENSE``.
+
+Inference and evaluation of an unpacked bundle write nothing inside its folder: their default output folder and
+MLflow store are ``<bundle folder>_output/`` beside it.
 
 Before the zip is written the staged bundle is checked the way the zoo checks it (``verify_metadata`` against the
 shipped schema, offline; ``verify_net_in_out`` on ``network_def``). The zip is written atomically and is
@@ -53,6 +57,7 @@ __all__ = [
     "BUNDLES_DIR",
     "SCHEMA_FILE",
     "LICENSE_FILE",
+    "DATA_LICENSE",
     "CONFIG_FILES",
     "export_bundle",
     "bundle_metadata",
@@ -81,17 +86,43 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # Top-level keys each exported config gets (MONAI's top-level replace rule, applied as text so the comments stay)
 _BUNDLE_ROOT = 'bundle_root: "."   # the unpacked bundle folder: run from inside it, or pass --bundle_root <folder>\n'
-_CHECKPOINT = "checkpoint: \"$@bundle_root + '/models/model.pt'\"   # the exported weights (--checkpoint <file> for others)\n"
+_CHECKPOINT = "checkpoint: \"$@bundle_root + '/models/model.pt'\"   # the exported weights: a plain state dict (--checkpoint <file> for others)\n"
+# models/model.pt is a plain state dict (the zoo's ckpt_export loads it without --key_in_ckpt): the settings that
+# rebuild the network come from configs/metadata.json, and the weights load strictly into network_def
+_SETTINGS = (
+    "ckpt_settings: \"$pipelines.engine.settings_from_metadata(@bundle_root + '/configs/metadata.json')\"   # network and preprocessing settings\n"
+    "network: \"$networks.perf.prepare_network(pipelines.engine.init_from_checkpoint(@network_def, @checkpoint).to(@device).eval(), channels_last=@channels_last, device=@device)\"\n"
+)
+#: what an unpacked bundle writes goes beside it, into <bundle folder>_output/, never inside the bundle folder
+_OUTPUT = "$os.path.abspath(@bundle_root) + '_output"
 _OVERLAYS: dict[str, str] = {
-    "inference.yaml": "output_dir: \"$@bundle_root + '/inference'\"   # label maps <case>.nii.gz + volumes.csv (or --output_dir <folder>)\n"
-    + _CHECKPOINT
-    + _BUNDLE_ROOT,
-    "evaluate.yaml": "dataset_dir: null   # REQUIRED here: the labelled data (KiTS/LiTS/nnU-Net folder, CSV or splits JSON)\n"
-    + 'output_dir: "$@bundle_root"   # results go to <output_dir>/eval\n'
+    "inference.yaml": f"output_dir: \"{_OUTPUT}/inference'\"   # label maps + volumes.csv, beside the bundle folder (or --output_dir <folder>)\n"
     + _CHECKPOINT
     + _BUNDLE_ROOT
-    + "tracking_uri: \"$'sqlite:///' + os.path.abspath(@bundle_root) + '/mlruns.db'\"   # MLflow store in the bundle (or --tracking_uri <server>)\n",
+    + _SETTINGS,
+    "evaluate.yaml": "dataset_dir: null   # REQUIRED here: the labelled data (KiTS/LiTS/nnU-Net folder, CSV or splits JSON)\n"
+    + f"output_dir: \"{_OUTPUT}'\"   # results go to <output_dir>/eval, beside the bundle folder (or --output_dir <folder>)\n"
+    + _CHECKPOINT
+    + _BUNDLE_ROOT
+    + f"tracking_uri: \"$'sqlite:///' + {_OUTPUT[1:]}/mlruns.db'\"   # MLflow store beside the bundle folder (or --tracking_uri <server>)\n"
+    + _SETTINGS,
 }
+#: the data licence note of every exported bundle (``docs/data_license.txt``, as the model zoo asks)
+DATA_LICENSE = """Data licence of this bundle's training data
+==========================================
+
+The weights in models/model.pt were trained by the ctdistill project on the data named in configs/metadata.json
+("data_source"). Those data sets keep their own licences and terms of use, which bind any use of this model:
+
+- KiTS19 (kidney tumor segmentation challenge 2019): CC BY-NC-SA 4.0, https://kits19.grand-challenge.org
+- LiTS (liver tumor segmentation challenge): CC BY-NC-SA 4.0, https://competitions.codalab.org/competitions/17094
+- Kvasir-SEG: for research and educational use, cite the dataset paper; CVC-ClinicDB: for research use, cite the
+  dataset paper
+- synthetic volumes made by `python -m pipelines.synthesize` (test runs): no restriction
+
+No image or label of these data sets is included in this bundle. The code and the bundle files are released under
+the Apache-2.0 licence (LICENSE); the weights are for research use only and are not a medical device.
+"""
 
 
 def _check_name(value: str, what: str) -> str:
@@ -182,6 +213,7 @@ def bundle_metadata(
         "network_kwargs": settings.get("network_kwargs", {}),
         "preprocessing": pre,
         "best_epoch": checkpoint.get("best_epoch"),
+        "seed": settings.get("seed", 0),
         "source_checkpoint_sha256": source_sha256,
         "source_mlflow_run_id": settings.get("mlflow_run_id", ""),
     }
@@ -277,14 +309,17 @@ python -m monai.bundle run evaluating --config_file configs/evaluate.yaml --data
 python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath <ctdistill>/bundles/schema/meta_schema_20240725.json
 python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json --config_file configs/inference.yaml
 python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt \\
-    --meta_file configs/metadata.json --config_file configs/inference.yaml --key_in_ckpt model --use_trace true
+    --meta_file configs/metadata.json --config_file configs/inference.yaml --use_trace true
 ```
 
 Inference reads NIfTI volumes or DICOM series and writes label maps (0 background, 1 organ, 2 tumor) in each
 input's geometry plus `volumes.csv` (organ and tumor mL). Evaluation writes per-volume DSC / RVD to
 `eval/cases.csv` and `eval/summary.csv`. `configs/train.yaml` retrains or fine-tunes the same network
 (`python -m monai.bundle run training --config_file configs/train.yaml --dataset_dir <data>`).
-`models/model.pt` holds weights only and loads with `torch.load(..., weights_only=True)`.
+`models/model.pt` is a plain state dict (`torch.load(..., weights_only=True)`); the network it fits is rebuilt from
+the `ctdistill` section of `configs/metadata.json` (`network_name`, `network_kwargs`, `preprocessing`). Inference and
+evaluation write nothing inside this folder: by default into `<this folder>_output/` beside it (label maps, CSVs and
+the MLflow store `mlruns.db`), or wherever `--output_dir` / `--tracking_uri` say. Data licences: `docs/data_license.txt`.
 
 ## Intended use
 
@@ -354,7 +389,6 @@ def export_torchscript(bundle_dir: str | Path, filepath: str | Path | None = Non
         ckpt_file=str(bundle_dir / "models" / "model.pt"),
         meta_file=str(bundle_dir / "configs" / "metadata.json"),
         config_file=str(bundle_dir / "configs" / "inference.yaml"),
-        key_in_ckpt="model",
         use_trace=True,
         input_shape=[1, *_example_shape(meta)],
         bundle_root=str(bundle_dir),
@@ -477,8 +511,9 @@ def export_bundle(
         FileExistsError: ``out`` exists and ``overwrite`` is False.
         pipelines.engine.BundleInputError: a missing or unloadable checkpoint.
     """
+    import networks
     from pipelines.engine.atomic import atomic_write
-    from pipelines.engine.checkpoint import load_checkpoint, network_from_checkpoint, release_checkpoint
+    from pipelines.engine.checkpoint import load_checkpoint, release_checkpoint
     from pipelines.engine.tracking import file_sha256
 
     bundles_dir, out = Path(bundles_dir or BUNDLES_DIR), Path(out)
@@ -508,8 +543,9 @@ def export_bundle(
         (stage / "models").mkdir(parents=True)
         (stage / "configs").mkdir()
         (stage / "docs").mkdir()
-        torch.save(weights, stage / "models" / "model.pt")
-        network = network_from_checkpoint(stage / "models" / "model.pt")  # the weights must load into the network
+        torch.save(weights["model"], stage / "models" / "model.pt")  # a plain state dict (the zoo's default form)
+        network = networks.create(weights["settings"]["network_name"], **dict(weights["settings"].get("network_kwargs") or {}))
+        network.load_state_dict(torch.load(stage / "models" / "model.pt", map_location="cpu", weights_only=True))  # strict
         meta = bundle_metadata(
             role_meta, network, weights, name=name, version=version, key_metric=key_metric, source_sha256=file_sha256(checkpoint)
         )
@@ -518,6 +554,7 @@ def export_bundle(
             (stage / "configs" / fname).write_text(text)
         params = sum(p.numel() for p in network.parameters())
         (stage / "docs" / "README.md").write_text(bundle_readme(meta, weights, params))
+        (stage / "docs" / "data_license.txt").write_text(DATA_LICENSE)
         (stage / "LICENSE").write_bytes(LICENSE_FILE.read_bytes())
         if verify:
             verify_bundle(stage)

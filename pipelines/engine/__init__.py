@@ -13,7 +13,8 @@ The bundles write ``$import pipelines.engine`` once and reference ``pipelines.en
   ``optim`` (lr schedule, gradient clipping), ``curves`` (validation history), ``pictures`` (case overlays,
   training curves, per-case plot), ``progress`` (evaluation/inference progress bars), ``data`` (CacheDataset, memory
   estimate, NIfTI writer), ``atomic`` (atomic file writes), ``tracking`` (MLflow), ``knobs`` (bundle ``--help`` and
-  unknown-knob guard), ``inference`` (input discovery, label-map writer), ``polyp`` (the polyp bundle's data pieces)
+  unknown-knob guard), ``inference`` (input discovery, label-map writer), ``dicom_seg`` (DICOM-SEG
+  output, C-STORE), ``labels`` (label names, colours, 3D Slicer color tables), ``polyp`` (the polyp bundle's data pieces)
 
 The command-line tools stay in ``pipelines/`` (``python -m pipelines.<tool>``); nothing here parses arguments.
 """
@@ -27,12 +28,14 @@ from pipelines.engine.case_dataset import *  # noqa: F403
 from pipelines.engine.checkpoint import *  # noqa: F403
 from pipelines.engine.curves import *  # noqa: F403
 from pipelines.engine.data import *  # noqa: F403
+from pipelines.engine.dicom_seg import *  # noqa: F403
 from pipelines.engine.errors import *  # noqa: F403
 from pipelines.engine.gate import *  # noqa: F403
 from pipelines.engine.handlers import *  # noqa: F403
 from pipelines.engine.inference import *  # noqa: F403
 from pipelines.engine.inferers import *  # noqa: F403
 from pipelines.engine.knobs import *  # noqa: F403
+from pipelines.engine.labels import *  # noqa: F403
 from pipelines.engine.metrics import *  # noqa: F403
 from pipelines.engine.optim import *  # noqa: F403
 from pipelines.engine.output import *  # noqa: F403
@@ -44,5 +47,5 @@ from pipelines.engine.splits import *  # noqa: F403
 from pipelines.engine.tracking import *  # noqa: F403
 
 #: the modules re-exported here (one concern each; the public API is the union of their ``__all__``)
-_MODULES = ("atomic", "case_dataset", "checkpoint", "curves", "data", "errors", "gate", "handlers", "inference", "inferers", "knobs", "metrics", "optim", "output", "pictures", "polyp", "preflight", "progress", "splits", "tracking")
+_MODULES = ("atomic", "case_dataset", "checkpoint", "curves", "data", "dicom_seg", "errors", "gate", "handlers", "inference", "inferers", "knobs", "labels", "metrics", "optim", "output", "pictures", "polyp", "preflight", "progress", "splits", "tracking")
 __all__ = [name for module in _MODULES for name in importlib.import_module(f"pipelines.engine.{module}").__all__]

@@ -38,6 +38,7 @@ __all__ = [
     "release_checkpoint",
     "RELEASE_KEYS",
     "checkpoint_settings",
+    "settings_from_metadata",
     "checkpoint_run_id",
     "network_from_checkpoint",
     "init_from_checkpoint",
@@ -398,6 +399,38 @@ def release_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
 def checkpoint_settings(path: str | os.PathLike) -> dict[str, Any]:
     """The ``settings`` saved in a checkpoint (network name/kwargs, preprocessing)."""
     return dict(load_checkpoint(path).get("settings") or {})
+
+
+def settings_from_metadata(meta_file: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint settings of an exported bundle, whose ``models/model.pt`` is a plain state dict: the
+    ``ctdistill`` section of its ``configs/metadata.json`` (written by ``pipelines.export_bundle``).
+
+    Args:
+        meta_file: the bundle's ``configs/metadata.json``.
+
+    Returns:
+        ``{"role", "network_name", "network_kwargs", "preprocessing", "seed", "mlflow_run_id"}`` as a training
+        checkpoint's ``settings`` holds them (:func:`checkpoint_settings`).
+
+    Raises:
+        BundleInputError: a missing or unreadable file, or one without the ``ctdistill`` network settings.
+    """
+    p = Path(meta_file)
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleInputError(f"cannot read the bundle metadata {p} ({type(e).__name__}: {e}); run from the bundle folder or pass --bundle_root <folder>.") from e
+    section = meta.get("ctdistill") if isinstance(meta, dict) else None
+    if not isinstance(section, dict) or not section.get("network_name"):
+        raise BundleInputError(f"{p} has no 'ctdistill' section with network_name: it is not the metadata of an exported ctdistill bundle.")
+    return {
+        "role": section.get("role", ""),
+        "network_name": section["network_name"],
+        "network_kwargs": dict(section.get("network_kwargs") or {}),
+        "preprocessing": dict(section.get("preprocessing") or {}),
+        "seed": section.get("seed", 0),
+        "mlflow_run_id": section.get("source_mlflow_run_id", ""),
+    }
 
 
 def _read_run_id(path: Path) -> str:

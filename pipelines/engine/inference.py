@@ -48,7 +48,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-VOLUME_COLUMNS = ("case", "organ_ml", "tumor_ml", "organ_and_tumor_ml", "output")
+VOLUME_COLUMNS = ("case", "organ_ml", "tumor_ml", "organ_and_tumor_ml", "labels", "output")
+#: ``labels``: what the label values mean, e.g. ``0=background;1=kidney;2=kidney tumor`` (absent from older CSVs)
+_OPTIONAL_COLUMNS = ("labels",)
 #: the output folder's record of the label maps written into it (the only existing files inference may replace)
 VOLUMES_CSV = "volumes.csv"
 #: DICOM series converted to NIfTI go here, inside the output folder
@@ -106,7 +108,7 @@ def previous_outputs(output_dir: str | os.PathLike) -> dict[str, list[str]]:
         output_dir: the inference output folder.
 
     Returns:
-        ``{file name: [case, organ_ml, tumor_ml, organ_and_tumor_ml, output]}``; empty without a readable
+        ``{file name: [case, organ_ml, tumor_ml, organ_and_tumor_ml, labels, output]}``; empty without a readable
         ``volumes.csv`` (then no existing file may be replaced).
     """
     path = Path(output_dir) / VOLUMES_CSV
@@ -115,10 +117,10 @@ def previous_outputs(output_dir: str | os.PathLike) -> dict[str, list[str]]:
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or not set(VOLUME_COLUMNS) <= set(reader.fieldnames):
+            if not reader.fieldnames or not set(VOLUME_COLUMNS) - set(_OPTIONAL_COLUMNS) <= set(reader.fieldnames):
                 logger.warning("%s is not a volumes.csv of this tool (columns %s): no existing output is replaced", path, reader.fieldnames)
                 return {}
-            rows = [[row[c] for c in VOLUME_COLUMNS] for row in reader]
+            rows = [[row.get(c) or "" for c in VOLUME_COLUMNS] for row in reader]
     except (OSError, csv.Error, UnicodeDecodeError) as e:
         logger.warning("cannot read %s (%s): no existing output is replaced", path, e)
         return {}
@@ -132,7 +134,16 @@ def _ours(path: Path, out: Path, previous: Mapping[str, Any]) -> bool:
         return True
     if len(rel.parts) != 1:
         return False
-    return path.name == VOLUMES_CSV or path.name in previous or (path.name.startswith(".") and TMP_MARKER in path.name)
+    return path.name == VOLUMES_CSV or _listed(path.name, previous) or (path.name.startswith(".") and TMP_MARKER in path.name)
+
+
+def _listed(name: str, previous: Mapping[str, Any]) -> bool:
+    """A file of an output an earlier run recorded: the listed file itself, or the DICOM-SEG / color table of a
+    listed label map (``case.seg.dcm``, ``case.ctbl`` beside ``case.nii.gz``; either may be the listed one)."""
+    from pipelines.engine.dicom_seg import SEG_SUFFIX
+
+    stem = next((name[: -len(s)] for s in (".nii.gz", SEG_SUFFIX, ".ctbl") if name.endswith(s)), None)
+    return name in previous or (stem is not None and any(f"{stem}{s}" in previous for s in (".nii.gz", SEG_SUFFIX)))
 
 
 def check_input_volume(path: str | os.PathLike) -> None:
@@ -176,7 +187,8 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
             may hold only this tool's earlier outputs.
 
     Returns:
-        ``[{"image": path}]`` sorted by path.
+        ``[{"image": path}]`` sorted by path; a converted DICOM series also has ``"dicom_dir"`` (its folder, the
+        source series of a DICOM-SEG, ``pipelines.engine.dicom_seg``).
 
     Raises:
         ValueError: a missing input, nothing to segment, a bad input volume, two inputs with the same case name, an
@@ -191,6 +203,7 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
         raise ValueError(f"output_dir {out} is a file; pass a folder for the label maps (--output_dir).")
     previous = previous_outputs(out)
     src_r, out_r = src.resolve(), out.resolve()
+    sources: dict[Path, Path] = {}  # converted NIfTI -> its DICOM folder (the source series of a DICOM-SEG)
     if src.is_file():
         if not _is_nifti(src):
             raise ValueError(f"{src} is not a NIfTI file (.nii/.nii.gz); pass a folder for DICOM series.")
@@ -221,7 +234,9 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
             for d in dicom_dirs:
                 rel = d.relative_to(src)
                 target = conv / ("_".join(rel.parts) if rel.parts else src.name)
-                images.extend(convert_dicom(d, target))
+                converted = convert_dicom(d, target)
+                sources.update({c: d for c in converted})
+                images.extend(converted)
     if not images:
         raise ValueError(f"no NIfTI volume (.nii/.nii.gz) and no DICOM series found in {src}.")
     inputs = {p.resolve() for p in images}
@@ -242,7 +257,7 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
     for p in images:
         check_input_volume(p)
     _check_writable(out)
-    return [{"image": str(p)} for p in images]
+    return [{"image": str(p), "dicom_dir": str(sources[p])} if p in sources else {"image": str(p)} for p in images]
 
 
 def _check_writable(out: Path) -> None:
@@ -304,16 +319,44 @@ class WriteLabelMapd(MapTransform):
         image_key: key whose metadata names the input file.
         organ_label: organ label value.
         tumor_label: tumor label value.
+        output_format: ``nifti`` (the label map), ``dicom-seg`` (its DICOM-SEG ``<case>.seg.dcm`` only) or ``both``.
+        seg_writer: writes the DICOM-SEG (``pipelines.engine.dicom_seg.DicomSegWriter``); required unless ``nifti``.
+        label_names: label value -> name: a 3D Slicer color table ``<case>.ctbl`` is written beside each NIfTI label
+            map (``pipelines.engine.labels``); None writes none.
     """
 
-    def __init__(self, keys: str | Sequence[str] = "pred", output_dir: str = ".", image_key: str = "image", organ_label: int = 1, tumor_label: int = 2) -> None:
+    def __init__(
+        self,
+        keys: str | Sequence[str] = "pred",
+        output_dir: str = ".",
+        image_key: str = "image",
+        organ_label: int = 1,
+        tumor_label: int = 2,
+        output_format: str = "nifti",
+        seg_writer: Any = None,
+        label_names: Mapping[int, str] | None = None,
+    ) -> None:
+        from pipelines.engine.dicom_seg import check_output_format
+
         super().__init__(keys)
+        self.output_format = check_output_format(output_format)
+        if self.output_format != "nifti" and seg_writer is None:
+            raise ValueError(f"output_format {output_format!r} needs a seg_writer (pipelines.engine.dicom_seg.dicom_seg_writer).")
+        self.seg_writer, self.label_names = seg_writer, label_names
         self.output_dir = Path(output_dir)
         self.image_key = image_key
         self.organ_label, self.tumor_label = int(organ_label), int(tumor_label)
         self.rows: list[list[Any]] = []
         # read before this run writes anything: the label maps earlier runs wrote into this folder
         self.previous = previous_outputs(self.output_dir)
+
+    def _files_of(self, target: Path) -> list[Path]:
+        """The files one case writes: the label map and its color table, and/or its DICOM-SEG."""
+        from pipelines.engine.dicom_seg import seg_path
+        from pipelines.engine.labels import color_table_path
+
+        files = [] if self.output_format == "dicom-seg" else [target] + ([color_table_path(target)] if self.label_names else [])
+        return files + ([seg_path(target)] if self.output_format != "nifti" else [])
 
     def all_rows(self) -> list[list[Any]]:
         """This run's rows plus the earlier runs' rows whose label maps this run did not rewrite and still exist.
@@ -339,28 +382,39 @@ class WriteLabelMapd(MapTransform):
             target = output_path(self.output_dir, src)
             if target.resolve() == Path(src).resolve():
                 raise ValueError(f"refusing to overwrite the input {src}.")
-            written = {Path(str(r[-1])).name for r in self.rows}
-            if (target.exists() or target.is_symlink()) and target.name not in self.previous and target.name not in written:
-                raise ValueError(
-                    f"refusing to overwrite {target}: it exists and no inference into {self.output_dir} wrote it "
-                    f"(not in its {VOLUMES_CSV}); choose an empty output folder."
-                )
-            img = nib.Nifti1Image(arr, affine)
-            img.header.set_data_dtype(np.uint8)
-            img.header.set_xyzt_units("mm")
-            atomic_write(target, lambda tmp, img=img: nib.save(img, str(tmp)))
+            written = {Path(str(r[-1])).name: r for r in self.rows}
+            for path in self._files_of(target):
+                if (path.exists() or path.is_symlink()) and not _listed(path.name, self.previous) and not _listed(path.name, written):
+                    raise ValueError(
+                        f"refusing to overwrite {path}: it exists and no inference into {self.output_dir} wrote it "
+                        f"(not in its {VOLUMES_CSV}); choose an empty output folder."
+                    )
+            written_to = target
+            if self.output_format != "dicom-seg":
+                img = nib.Nifti1Image(arr, affine)
+                img.header.set_data_dtype(np.uint8)
+                img.header.set_xyzt_units("mm")
+                atomic_write(target, lambda tmp, img=img: nib.save(img, str(tmp)))
+                if self.label_names:
+                    from pipelines.engine.labels import write_color_table
+
+                    write_color_table(target, self.label_names)
+            if self.seg_writer is not None and self.output_format != "nifti":
+                seg = self.seg_writer(arr, affine, target, dicom_dir=d.get("dicom_dir"))
+                written_to = target if self.output_format == "both" else seg
             vox = voxel_volume_ml(affine)
             organ = float((arr == self.organ_label).sum()) * vox
             tumor = float((arr == self.tumor_label).sum()) * vox
-            self.rows = [r for r in self.rows if Path(str(r[-1])).name != target.name]
-            self.rows.append([case_id(src), organ, tumor, organ + tumor, str(target)])
+            self.rows = [r for r in self.rows if Path(str(r[-1])).name != Path(written_to).name]
+            meanings = ";".join(f"{v}={n}" for v, n in sorted((self.label_names or {}).items()))
+            self.rows.append([case_id(src), organ, tumor, organ + tumor, meanings, str(written_to)])
             write_csv_atomic(self.output_dir / VOLUMES_CSV, VOLUME_COLUMNS, self.all_rows())
             logger.info("wrote %s (organ %.1f mL, tumor %.1f mL)", target, organ, tumor)
         return d
 
 
 class VolumesCsvWriter:
-    """At the end of inference, write ``volumes.csv`` (``case, organ_ml, tumor_ml, organ_and_tumor_ml, output``).
+    """At the end of inference, write ``volumes.csv`` (``case, organ_ml, tumor_ml, organ_and_tumor_ml, labels, output``).
 
     Args:
         writer: the :class:`WriteLabelMapd` of the postprocessing chain (its recorded rows are written, with the

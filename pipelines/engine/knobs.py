@@ -126,7 +126,8 @@ def role_knobs(config_files: Sequence[str | Path]) -> dict[str, str]:
         config_files: YAML/JSON bundle config files.
 
     Returns:
-        ``{key: "value  # comment"}`` for the knob lines (plain values), ``{key: ""}`` for sections and macros.
+        ``{key: "value  # comment"}`` for the knob lines (plain values), ``{key: ""}`` for sections, macros and
+        references.
 
     Raises:
         FileNotFoundError: a config file that does not exist.
@@ -143,7 +144,8 @@ def role_knobs(config_files: Sequence[str | Path]) -> dict[str, str]:
             key, rest = m.group(1), m.group(2).strip()
             macro = rest.startswith(('"%', "'%", "%"))
             expression = rest.startswith(('"$', "'$", "$")) and "#" not in rest
-            shown = "" if (not rest or macro or expression) else rest
+            reference = rest.startswith(('"@', "'@", "@"))  # another section by its id (trainer: "@train#trainer")
+            shown = "" if (not rest or macro or expression or reference) else rest
             knobs.setdefault(key, shown)
             if shown and not knobs[key]:
                 knobs[key] = shown

@@ -4,8 +4,11 @@ Three PNG files, written atomically beside the CSV files they illustrate and log
 handler (their paths are in its ``artifacts``):
 
 - ``<prefix>overlays.png``: the best, median and worst case by tumor DSC, each as the axial slice through its largest
-  tumor (by ground truth; by the prediction when the ground truth has no tumor), the windowed CT in grey, ground
-  truth contours solid, prediction contours dashed (tumor red, organ blue);
+  tumor (by ground truth; by the prediction when the ground truth has no tumor), side by side: the windowed CT with
+  the ground-truth contours (organ blue, tumor red drawn on top so a tumor on the organ's edge stays visible), and
+  the CT with the prediction filled translucent (organ blue, tumor red) under the same ground-truth contours. An
+  empty prediction says "empty", one that fills the slice says so (and tints the whole panel); radiological
+  orientation letters (A/P/R/L) and a scale bar in mm; organ and tumor DSC in the title;
 - ``<prefix>case_metrics.png``: tumor DSC and signed tumor RVD per case, one bar each, sorted by DSC;
 - ``curves.png`` (training): training loss with each of its terms (``loss_seg``, every ``kd_*``) per epoch, and the
   validation DSC per epoch (from ``train_history.csv`` and ``val_history.csv``).
@@ -131,6 +134,8 @@ class CaseSlice:
         image: (H, W) windowed CT of the slice, uint8 (0..255 = the window).
         label: (H, W) ground-truth labels, uint8.
         pred: (H, W) predicted labels, uint8.
+        dsc_organ: organ+tumor DSC of the whole volume (NaN when not computed).
+        spacing: mm per pixel of ``image`` along its two axes (None: unknown, no scale bar).
     """
 
     case: str
@@ -141,6 +146,8 @@ class CaseSlice:
     image: np.ndarray
     label: np.ndarray
     pred: np.ndarray
+    dsc_organ: float = math.nan
+    spacing: tuple[float, float] | None = None
 
 
 def _np(x: Any) -> np.ndarray:
@@ -155,8 +162,9 @@ def case_slice(
     tumor_label: int = 2,
     organ_labels: Sequence[int] = (1, 2),
     max_side: int = 256,
+    spacing: Sequence[float] | None = None,
 ) -> CaseSlice:
-    """The :class:`CaseSlice` of one evaluated volume: whole-volume tumor DSC/RVD, the largest-tumor slice.
+    """The :class:`CaseSlice` of one evaluated volume: whole-volume tumor and organ DSC, tumor RVD, the largest-tumor slice.
 
     Args:
         case: case name.
@@ -167,6 +175,7 @@ def case_slice(
         tumor_label: the tumor value.
         organ_labels: values that make up organ+tumor.
         max_side: slices larger than this are subsampled (every k-th pixel) to keep the memory per case small.
+        spacing: voxel spacing (mm) along H and W (for the scale bar); None when unknown.
 
     Returns:
         the case's slice (uint8 arrays).
@@ -181,9 +190,12 @@ def case_slice(
     z, basis = largest_tumor_slice(gt, pr, tumor_label, organ_labels)
     step = max(1, math.ceil(max(gt.shape[1:3]) / max_side))
     center = img[img.shape[0] // 2, ::step, ::step, z]
+    o_gt, o_pr = np.isin(gt, tuple(organ_labels)), np.isin(pr, tuple(organ_labels))
     return CaseSlice(
         case=str(case),
         dsc=dsc(torch.from_numpy(t_pr), torch.from_numpy(t_gt)),
+        dsc_organ=dsc(torch.from_numpy(o_pr), torch.from_numpy(o_gt)),
+        spacing=(float(spacing[0]) * step, float(spacing[1]) * step) if spacing is not None else None,
         rvd=rvd(float(t_pr.sum()), float(t_gt.sum())),
         z=z,
         basis=basis,
@@ -217,6 +229,68 @@ def _radiological(a: np.ndarray) -> np.ndarray:
     return a.T[::-1, ::-1]
 
 
+_TUMOR_COLOR, _ORGAN_COLOR = "red", "deepskyblue"
+#: opacity of the filled prediction
+_FILL_ALPHA = 0.45
+
+
+def _fill(ax: Any, labels: np.ndarray, tumor_label: int, organ_labels: Sequence[int]) -> None:
+    """The label map filled translucent: organ blue, tumor red (so a prediction filling the slice tints it all)."""
+    from matplotlib.colors import to_rgba
+
+    rgba = np.zeros((*labels.shape, 4), dtype=np.float32)
+    organ = np.isin(labels, tuple(organ_labels)) & (labels != tumor_label)
+    rgba[organ] = to_rgba(_ORGAN_COLOR, _FILL_ALPHA)
+    rgba[labels == tumor_label] = to_rgba(_TUMOR_COLOR, _FILL_ALPHA)
+    ax.imshow(np.stack([_radiological(rgba[..., c]) for c in range(4)], -1), interpolation="nearest")
+
+
+def _contours(ax: Any, labels: np.ndarray, tumor_label: int, organ_labels: Sequence[int], width: float) -> None:
+    """Ground-truth contours: organ+tumor blue first, tumor red on top (never hidden under the organ's); a mask that
+    fills the slice (no contour inside it) is drawn as a frame."""
+    for values, color, z in ((tuple(organ_labels), _ORGAN_COLOR, 2), ((tumor_label,), _TUMOR_COLOR, 3)):
+        mask = np.isin(labels, values)
+        if mask.all():
+            h, w = _radiological(mask).shape
+            ax.add_patch(_frame(w, h, color, width, z))
+        elif mask.any():
+            ax.contour(_radiological(mask.astype(np.float32)), levels=[0.5], colors=color, linewidths=width, zorder=z)
+
+
+def _frame(w: int, h: int, color: str, width: float, z: int) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((-0.5, -0.5), w, h, fill=False, edgecolor=color, lw=width * 2, zorder=z)
+
+
+def _degenerate(labels: np.ndarray, organ_labels: Sequence[int]) -> str:
+    """``"empty"`` (no organ or tumor on the slice), ``"fills the whole slice"``, else ``""``."""
+    fg = np.isin(labels, tuple(organ_labels))
+    return "empty" if not fg.any() else "fills the whole slice" if fg.all() else ""
+
+
+def _orientation(ax: Any) -> None:
+    """Radiological orientation letters: anterior up, patient right on the viewer's left."""
+    style = {"color": "yellow", "fontsize": 8, "fontweight": "bold", "transform": ax.transAxes}
+    for x, y, letter, ha, va in ((0.5, 0.98, "A", "center", "top"), (0.5, 0.02, "P", "center", "bottom"), (0.02, 0.5, "R", "left", "center"), (0.98, 0.5, "L", "right", "center")):
+        ax.text(x, y, letter, ha=ha, va=va, **style)
+
+
+def _scale_bar(ax: Any, shape: Sequence[int], spacing: tuple[float, float] | None) -> None:
+    """A white bar of a round length (5-100 mm, about a quarter of the width) in the lower left corner."""
+    if not spacing or not all(v > 0 for v in spacing):
+        return
+    mm_per_px = float(spacing[0])  # display columns run along the slice's first (x) axis
+    width_mm = shape[0] * mm_per_px
+    length = max((v for v in (5, 10, 20, 50, 100) if v <= width_mm / 3), default=None)
+    if length is None:
+        return
+    h = shape[1]
+    x0, y = 0.06 * shape[0], h - 1 - 0.08 * h
+    ax.plot([x0, x0 + length / mm_per_px], [y, y], color="white", lw=3, solid_capstyle="butt", zorder=4)
+    ax.text(x0, y - 0.03 * h, f"{length} mm", color="white", fontsize=7, va="bottom", zorder=4)
+
+
 def draw_overlays(
     slices: Mapping[str, CaseSlice],
     path: str | os.PathLike,
@@ -225,9 +299,9 @@ def draw_overlays(
     tumor_label: int = 2,
     organ_labels: Sequence[int] = (1, 2),
 ) -> Path:
-    """One PNG with a panel per case: CT slice, ground truth (solid) and prediction (dashed) contours.
-
-    Tumor contours are red, organ+tumor contours blue. A case that fills several ranks is drawn once.
+    """One PNG with two panels per case, side by side: the ground truth as contours, and the prediction filled
+    translucent under the same contours (see the module docstring). Tumor red, organ+tumor blue; a degenerate slice
+    (empty, or filled entirely) is named on its panel. A case that fills several ranks is drawn once.
 
     Args:
         slices: ``{rank: CaseSlice}`` in panel order (e.g. best, median, worst).
@@ -253,23 +327,33 @@ def draw_overlays(
             panels.append(([rank], s))
     plt = _pyplot()
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
-    for ax, (ranks, s) in zip(axes[0], panels):
-        ax.imshow(_radiological(s.image), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        for m, style in ((s.label, "solid"), (s.pred, "dashed")):
-            for values, color in (((tumor_label,), "red"), (tuple(organ_labels), "deepskyblue")):
-                mask = np.isin(m, values)
-                if mask.any() and not mask.all():
-                    ax.contour(_radiological(mask.astype(np.float32)), levels=[0.5], colors=color, linestyles=style, linewidths=1.2)
+    fig, axes = plt.subplots(1, 2 * len(panels), figsize=(3.4 * 2 * len(panels), 4.4), squeeze=False)
+    for k, (ranks, s) in enumerate(panels):
+        a_gt, a_pr = axes[0][2 * k], axes[0][2 * k + 1]
         rvd_txt = "n/a" if math.isnan(s.rvd) else f"{s.rvd:+.2f}"
-        ax.set_title(f"{' = '.join(ranks)}: {s.case}\ntumor DSC {s.dsc:.3f}, RVD {rvd_txt}\nslice z={s.z} ({s.basis})", fontsize=9)
-        ax.set_axis_off()
+        organ_txt = "n/a" if math.isnan(s.dsc_organ) else f"{s.dsc_organ:.3f}"
+        a_gt.set_title(f"{' = '.join(ranks)}: {s.case} (z={s.z}, {s.basis})\nground truth", fontsize=8)
+        a_pr.set_title(f"organ DSC {organ_txt}, tumor DSC {s.dsc:.3f}, RVD {rvd_txt}\nprediction (filled) vs ground truth", fontsize=8)
+        for ax in (a_gt, a_pr):
+            ax.imshow(_radiological(s.image), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        _fill(a_pr, s.pred, tumor_label, organ_labels)
+        for ax, width in ((a_gt, 1.6), (a_pr, 1.0)):
+            _contours(ax, s.label, tumor_label, organ_labels, width)
+            _orientation(ax)
+            ax.set_axis_off()
+        _scale_bar(a_gt, s.image.shape, s.spacing)
+        for ax, m, what in ((a_gt, s.label, "ground truth"), (a_pr, s.pred, "prediction")):
+            note = _degenerate(m, organ_labels)
+            if note:
+                ax.text(0.5, 0.5, f"{what}: {note}", ha="center", va="center", transform=ax.transAxes, fontsize=10,
+                        color="yellow", fontweight="bold", bbox={"facecolor": "black", "alpha": 0.6, "lw": 0})  # fmt: skip
     handles = [
-        Line2D([], [], color="red", ls="solid", label="tumor, ground truth"),
-        Line2D([], [], color="red", ls="dashed", label="tumor, prediction"),
-        Line2D([], [], color="deepskyblue", ls="solid", label="organ, ground truth"),
-        Line2D([], [], color="deepskyblue", ls="dashed", label="organ, prediction"),
+        Line2D([], [], color=_ORGAN_COLOR, lw=1.6, label="organ, ground truth"),
+        Line2D([], [], color=_TUMOR_COLOR, lw=1.6, label="tumor, ground truth"),
+        Patch(color=_ORGAN_COLOR, alpha=_FILL_ALPHA, label="organ, prediction"),
+        Patch(color=_TUMOR_COLOR, alpha=_FILL_ALPHA, label="tumor, prediction"),
     ]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     if title:
@@ -389,6 +473,10 @@ def draw_curves(
             a_val.plot(x, v, marker="o", ms=3, label=key)
     a_val.set_ylim(0, 1)
     a_val.set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a_loss, a_val):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     a_val.set_title("validation", fontsize=10)
     for ax in (a_loss, a_val):
         if ax.get_legend_handles_labels()[0]:
@@ -482,7 +570,9 @@ class CasePictures:
                 name = case_id(name[0] if isinstance(name, (list, tuple)) else name) if name else f"case_{len(self.cases)}"
                 label = item["label"] if item["label"].shape[0] == 1 else item["label"].argmax(0, keepdim=True)
                 pred = item["pred"] if item["pred"].shape[0] == 1 else item["pred"].argmax(0, keepdim=True)
-                self.cases[name] = case_slice(name, image, label, pred, self.tumor_label, self.organ_labels, self.max_side)
+                affine = getattr(image, "affine", None)
+                spacing = None if affine is None else tuple(float(v) for v in np.linalg.norm(_np(affine)[:3, :3], axis=0)[:2])
+                self.cases[name] = case_slice(name, image, label, pred, self.tumor_label, self.organ_labels, self.max_side, spacing)
         except Exception as e:  # noqa: BLE001 - a picture never stops a run
             self._warn("keep a case slice", e)
 

@@ -43,6 +43,11 @@ __all__ = [
     "find_runs",
     "kd_params",
     "git_commit",
+    "source_tags",
+    "config_knobs",
+    "model_requirements",
+    "describe_model_version",
+    "NETWORKS_DIR",
     "run_id_of_checkpoint",
     "model_input_shape",
     "log_checkpoint_model",
@@ -153,7 +158,9 @@ def file_sha256(path: str | os.PathLike | None) -> str:
 def run_params(params: Mapping[str, Any], splits_file: str | os.PathLike | None = None) -> dict[str, str]:
     """MLflow parameters of a run: the given values as strings plus ``splits_sha256``.
 
-    Patient identifiers never go here: the split file is represented by its hash only.
+    Inside a bundle run every knob of the executed config (:func:`config_knobs`: ``lr_min``, ``warmup_epochs``,
+    ``grad_clip``, ``deep_supervision``, ...) is logged too, under its own name (``params`` win on a clash). Patient
+    identifiers never go here: the split file is represented by its hash only.
 
     Args:
         params: e.g. role, method, beta, lambda, T, p, network, window, num_slices, epochs, lr, seed.
@@ -163,11 +170,44 @@ def run_params(params: Mapping[str, Any], splits_file: str | os.PathLike | None 
         ``{name: str(value)}``; sequences and dicts are JSON-encoded.
     """
     out: dict[str, str] = {}
-    for k, v in params.items():
+    for k, v in {**config_knobs(), **dict(params)}.items():
         out[str(k)] = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
     if splits_file is not None:
         out["splits_sha256"] = file_sha256(splits_file)
     return out
+
+
+def _plain(value: Any) -> bool:
+    """A knob value: a scalar, or a list/dict of them, with no reference, expression, macro or ``_target_``."""
+    if isinstance(value, str):
+        return not value.startswith(("$", "@", "%"))
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return "_target_" not in value and all(_plain(v) for v in value.values())
+    return value is None or isinstance(value, (bool, int, float))
+
+
+#: top-level keys that are not settings of the run: how it is started (a resumed run would otherwise "change" them)
+_NOT_PARAMS = ("imports", "resume", "overwrite", "progress")
+
+
+def config_knobs(parser: Any = None) -> dict[str, Any]:
+    """The knobs of the running bundle config (CLI overrides applied): its top-level plain values.
+
+    Args:
+        parser: a ``monai.bundle.ConfigParser``; default the running workflow's (found on the call stack), none
+            outside a bundle.
+
+    Returns:
+        ``{key: value}`` of the top-level keys whose value is plain (no ``$``/``@``/``%``, no ``_target_``), e.g.
+        ``epochs``, ``lr_min``, ``warmup_epochs``, ``grad_clip``, ``deep_supervision`` (not ``resume``, ``overwrite``,
+        ``progress``: how a run is started, not what it does); ``{}`` outside a bundle.
+    """
+    parser = parser if parser is not None else _find_parser()
+    if parser is None:
+        return {}
+    return {k: v for k, v in parser.get().items() if not k.startswith("_") and k not in _NOT_PARAMS and _plain(v)}
 
 
 def _find_parser() -> Any:
@@ -249,6 +289,24 @@ def git_commit() -> tuple[str, str]:
     return commit, dirty
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags of a run: ``mlflow.source.name`` (the bundle command: ``monai.bundle run
+    <workflow>`` and its config file names, no data paths), ``mlflow.source.type`` (LOCAL), and
+    ``mlflow.source.git.commit`` when the code runs from a git checkout (:func:`git_commit`)."""
+    argv = list(sys.argv)
+    if argv and argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py") and len(argv) > 2:
+        configs = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config_file"), "")
+        names = " ".join(Path(c.strip(" '\"[]")).name for c in configs.split(",") if c.strip(" '\"[]"))
+        name = f"monai.bundle run {argv[2]}" + (f" --config_file {names}" if names else "")
+    else:
+        name = Path(argv[0]).name if argv and argv[0] else "python"
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "LOCAL"}
+    commit, _ = git_commit()
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def run_id_of_checkpoint(path: str | os.PathLike | None, what: str) -> str:
     """The MLflow run that trained a checkpoint, for a link tag; ``"unknown"`` (with a warning) when not recorded.
 
@@ -294,6 +352,64 @@ def model_input_shape(settings: Mapping[str, Any]) -> tuple[int, ...]:
     return (int(kwargs.get("in_channels") or 1), *spatial[:dims])
 
 
+#: the networks package, logged with every MLflow model (``code_paths``): the pickled network's classes live there
+NETWORKS_DIR = Path(__file__).resolve().parents[2] / "networks"
+#: packages the logged model needs to load, pinned to the versions installed here (networks imports only these)
+MODEL_PACKAGES: tuple[str, ...] = ("torch", "monai", "numpy", "einops")
+#: run metrics that are not validation scores (left out of a registered version's description)
+_TRAINING_METRICS = ("train_", "loss", "kd_", "lr", "grad_norm")
+
+
+def model_requirements() -> list[str]:
+    """pip requirements of a logged model: :data:`MODEL_PACKAGES` pinned to the installed versions (``torch==2.13.0``)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_PACKAGES]
+
+
+def describe_model_version(tracking_uri: str, name: str, version: str, run_id: str, checkpoint: str | os.PathLike) -> dict[str, str]:
+    """Give a registered model version a description and its validation metrics (as version tags).
+
+    Args:
+        tracking_uri: the store.
+        name: the registered model.
+        version: its version.
+        run_id: the training run that logged it.
+        checkpoint: the checkpoint it was made from (``best_metric``, ``best_epoch``, settings).
+
+    Returns:
+        the tags set: ``val.<metric>`` for each validation metric of the run (last value), ``best_metric``,
+        ``best_epoch``, ``role``, ``network``, ``training_run_id``.
+    """
+    import mlflow
+
+    from pipelines.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    settings = dict(ckpt.get("settings") or {})
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    metrics = {k: v for k, v in client.get_run(run_id).data.metrics.items() if not k.startswith(_TRAINING_METRICS)}
+    tags = {f"val.{k}": f"{v:.4f}" for k, v in sorted(metrics.items())}
+    best, epoch = ckpt.get("best_metric"), ckpt.get("best_epoch")
+    tags.update(
+        best_metric=f"{float(best):.4f}" if isinstance(best, (int, float)) else "none",
+        best_epoch=str(epoch),
+        role=str(settings.get("role", "")),
+        network=str(settings.get("network_name", "")),
+        training_run_id=run_id,
+    )
+    scores = ", ".join(f"{k[4:]} {v}" for k, v in tags.items() if k.startswith("val.")) or "none recorded"
+    description = (
+        f"ctdistill {settings.get('role', '')} ({settings.get('network_name', '')} {json.dumps(settings.get('network_kwargs') or {})}), "
+        f"best validation score {tags['best_metric']} at epoch {epoch} of training run {run_id}; last validation: {scores}. "
+        "Input: CT windowed to [0, 1] as saved in the checkpoint's preprocessing settings; research use only, not a medical device."
+    )
+    client.update_model_version(name, version, description=description)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return tags
+
+
 def log_checkpoint_model(
     tracking_uri: str,
     run_id: str,
@@ -308,7 +424,10 @@ def log_checkpoint_model(
     The network is rebuilt from the checkpoint (:func:`pipelines.engine.checkpoint.network_from_checkpoint`, eval
     mode). The input example is one zero tensor ``(1, *input_shape)``; the signature has a free batch size and free
     spatial sizes (fixed for networks built for one ``img_size``). The model is saved with pickle (any architecture,
-    any input size; loading it needs the ctdistill package installed). The run is ended (FINISHED) when done.
+    any input size) together with the ``networks`` package it needs (``code_paths``) and pip requirements pinned to
+    this environment (:func:`model_requirements`): ``mlflow.pytorch.load_model`` works from any folder without
+    ctdistill installed. A registered version gets a description and its validation metrics
+    (:func:`describe_model_version`). The run is ended (FINISHED) when done.
 
     Args:
         tracking_uri: the store of the run.
@@ -346,9 +465,7 @@ def log_checkpoint_model(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, shape[0], *free))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(out.shape[1]), *free))]),
     )
-    import monai
-
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}", f"numpy=={np.__version__}"]
+    requirements = model_requirements()
     # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which MONAI's handlers prefer: restore it exactly
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
@@ -362,7 +479,10 @@ def log_checkpoint_model(
                 registered_model_name=register_name or None,
                 pip_requirements=requirements,
                 serialization_format="pickle",
+                code_paths=[str(NETWORKS_DIR)],  # the pickled classes' package: loads without ctdistill installed
             )
+        if register_name and getattr(info, "registered_model_version", None) is not None:
+            describe_model_version(tracking_uri, register_name, str(info.registered_model_version), run_id, checkpoint)
     finally:
         mlflow.set_tracking_uri(previous)
     logger.info("logged the weights of %s as MLflow model %s%s", checkpoint, info.model_uri, f" (registered as {register_name!r})" if register_name else "")
@@ -528,7 +648,7 @@ class TaggedMLFlowHandler(MLFlowHandler):
     def _link_tags(self, run_id: str) -> dict[str, str]:
         """git commit, role, teacher and training-run links of this run (see the class docstring)."""
         commit, dirty = git_commit()
-        tags = {"git_commit": commit, "git_dirty": dirty}
+        tags = {"git_commit": commit, "git_dirty": dirty, **source_tags()}
         role = dict(self.experiment_param or {}).get("role") or self.cur_run.data.params.get("role")
         if role:
             tags["role"] = str(role)

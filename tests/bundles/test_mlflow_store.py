@@ -60,7 +60,8 @@ def test_teacher_hlfd_and_evaluation_share_one_store(cohort, tmp_path):
 
     # links: the HLFD run names its teacher's run; the evaluation is a child of the training it evaluated
     assert hlfd.data.tags["teacher_run_id"] == teacher_id
-    assert hlfd.data.params["teacher"] == str(teacher_ckpt) and "teacher" not in teacher.data.params
+    # the teacher run has no teacher: its config knob teacher is null (every knob is a param)
+    assert hlfd.data.params["teacher"] == str(teacher_ckpt) and teacher.data.params.get("teacher", "None") == "None"
     assert "teacher_run_id" not in teacher.data.tags
     assert evaluation.data.tags["mlflow.parentRunId"] == hlfd_id == evaluation.data.tags["training_run_id"]
     in_git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode == 0
@@ -79,6 +80,17 @@ def test_teacher_hlfd_and_evaluation_share_one_store(cohort, tmp_path):
     assert all(m.status.name == "READY" for m in models)
     [version] = client.search_model_versions("name = 'ctdistill_tiny_teacher'")
     assert version.run_id == teacher_id
+    # issue 18: the version describes itself and carries the validation metrics; every knob of the executed config is
+    # a param (the teacher recipe's included); MLflow's standard source tags
+    assert "unetpp_teacher" in version.description and "epoch" in version.description
+    assert version.tags["training_run_id"] == teacher_id and "val.dsc_tumor" in version.tags
+    assert float(version.tags["val.dsc_tumor"]) == pytest.approx(teacher.data.metrics["dsc_tumor"], abs=1e-4)
+    params = teacher.data.params
+    assert (params["warmup_epochs"], params["grad_clip"], params["lr_min"], params["deep_supervision"]) == ("5", "1.0", "1e-06", "True")
+    assert params["samples_per_volume"] == "2" and params["in_plane_size"] == "[64, 64]"
+    for run in (teacher, hlfd, evaluation):
+        assert run.data.tags["mlflow.source.name"].startswith("monai.bundle run ") and run.data.tags["mlflow.source.type"] == "LOCAL"
+        assert run.data.tags.get("mlflow.source.git.commit", "unknown") == run.data.tags["git_commit"]
 
     # artifacts: the pictures (valid PNGs), the per-case CSVs, a weights-only best.pt
     def names(run_id):

@@ -31,6 +31,7 @@ from pipelines.export_bundle import (
 )
 from tests.bundles.conftest import TINY, TINY_WIDTHS, cohort, run_bundle  # noqa: F401 (cohort: a fixture)
 from tests.conftest import REPO, subprocess_env
+from tests.reliability.conftest import snapshot
 
 STUDENT_KW = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "base_width": 8}
 TRAINING_STATE = ("optimizer", "lr_scheduler", "distiller", "trainer", "best_tie_metric", "splits_sha256")
@@ -89,14 +90,16 @@ def test_zip_layout_and_weights_only_model(exported):
         names = set(zf.namelist())
     expected = {f"tiny_student/{p}" for p in (
         "configs/inference.yaml", "configs/evaluate.yaml", "configs/train.yaml", "configs/multi_gpu_train.yaml",
-        "configs/logging.conf", "configs/metadata.json", "models/model.pt", "models/model.ts", "docs/README.md", "LICENSE",
+        "configs/logging.conf", "configs/metadata.json", "models/model.pt", "models/model.ts", "docs/README.md",
+        "docs/data_license.txt", "LICENSE",
     )}  # fmt: skip
     assert names == expected
+    # a plain state dict (the zoo's default ckpt_export form): exactly the training checkpoint's weights
     model = torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True)
-    assert set(model) == {"model", "network", "settings", "epoch", "best_metric", "best_epoch"}
     source = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert set(model["model"]) == set(source["model"])
-    assert all(torch.equal(model["model"][k], source["model"][k]) for k in source["model"])
+    assert set(model) == set(source["model"])
+    assert all(torch.equal(model[k], source["model"][k]) for k in source["model"])
+    assert "KiTS19" in (folder / "docs" / "data_license.txt").read_text()
     assert (folder / "LICENSE").read_text() == (REPO / "LICENSE").read_text()
     assert "Apache License" in (folder / "LICENSE").read_text()
     # nothing in the exported configs points into this repository
@@ -134,7 +137,9 @@ def test_other_roles_and_3d_export_and_verify(role, network, kwargs, preprocessi
     assert [image["num_channels"], *image["spatial_shape"]] == shape
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == kwargs["out_channels"]
     assert meta["eval_metrics"] == {f"val_mean_{metric}": 0.4321}
-    assert torch.load(folder / "models" / "model.pt", weights_only=True)["settings"]["role"] == role
+    assert meta["ctdistill"]["role"] == role and meta["ctdistill"]["network_kwargs"] == kwargs
+    state = torch.load(folder / "models" / "model.pt", weights_only=True)
+    assert set(state) == set(torch.load(ckpt, weights_only=True)["model"])
 
 
 def test_bundle_checkpoint_drops_training_state(exported):
@@ -165,7 +170,7 @@ def test_verify_metadata_and_net_in_out_offline(exported, tmp_path):
 def test_torchscript_equals_eager(exported, tmp_path):
     folder = exported[2]
     eager = networks.create("resnet18_student", **STUDENT_KW).eval()
-    eager.load_state_dict(torch.load(folder / "models" / "model.pt", weights_only=True)["model"])
+    eager.load_state_dict(torch.load(folder / "models" / "model.pt", weights_only=True))
     ts = torch.jit.load(str(folder / "models" / "model.ts"), map_location="cpu")
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -276,6 +281,7 @@ def test_exported_bundle_runs_in_an_empty_folder(cohort, tmp_path_factory):  # n
     empty = work / "unpacked"
     empty.mkdir()
     bundle = _unzip(zip_path, empty)
+    packed = snapshot(bundle)
 
     inputs = work / "in"
     inputs.mkdir()
@@ -295,8 +301,11 @@ def test_exported_bundle_runs_in_an_empty_folder(cohort, tmp_path_factory):  # n
     in_bundle("inferring", "--config_file", "configs/inference.yaml", "--input_dir", str(inputs), "--output_dir", str(work / "bundle_out"))
     in_bundle("evaluating", "--config_file", "configs/evaluate.yaml", "--dataset_dir", str(cohort))
 
-    assert sorted(p.name for p in empty.iterdir()) == [bundle.name], "the bundle writes only inside its folder"
-    assert (bundle / "mlruns.db").is_file() and (bundle / "eval" / "summary.csv").is_file()
+    # nothing written inside the bundle: its default outputs and MLflow store go to <bundle>_output beside it
+    assert sorted(p.name for p in empty.iterdir()) == [bundle.name, f"{bundle.name}_output"]
+    assert snapshot(bundle) == packed, "evaluation and inference wrote into the bundle folder"
+    outside = empty / f"{bundle.name}_output"
+    assert (outside / "mlruns.db").is_file() and (outside / "eval" / "summary.csv").is_file()
     labels = {}
     for case in cases:
         mine = np.asarray(nib.load(str(work / "bundle_out" / f"{case}.nii.gz")).dataobj)
@@ -304,7 +313,7 @@ def test_exported_bundle_runs_in_an_empty_folder(cohort, tmp_path_factory):  # n
         assert np.array_equal(mine, repo), case
         labels[case] = mine
     assert len(np.unique(np.concatenate([v.ravel() for v in labels.values()]))) == 3, "all three classes predicted"
-    with open(bundle / "eval" / "cases.csv") as f:
+    with open(outside / "eval" / "cases.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows, "the evaluation scored the held-out volumes"
     for r in rows:
@@ -313,3 +322,58 @@ def test_exported_bundle_runs_in_an_empty_folder(cohort, tmp_path_factory):  # n
         for column, want in (("dsc_tumor", _dsc(p == 2, g == 2)), ("dsc_organ", _dsc(p >= 1, g >= 1))):
             got = float(r[column])
             assert not math.isnan(got) and got == pytest.approx(want, abs=1e-5), (r["case"], column)
+
+
+def _property_problems(config: Path, workflow_type: str, meta: Path | None = None) -> list[str]:
+    """MONAI's workflow-property check on the config text, without building anything: every required property's id
+    is in the config and every optional one is referenced by its standard id (``ConfigWorkflow.check_properties``
+    does the same and also evaluates each required property, which needs data; see the exported-bundle test)."""
+    from monai.bundle import ConfigWorkflow
+    from monai.utils import BundleProperty, BundlePropertyConfig
+
+    wf = ConfigWorkflow(config_file=str(config), meta_file=str(meta or config.with_name("metadata.json")), logging_file=False, workflow_type=workflow_type)
+    problems = [f"missing {n} ({p[BundlePropertyConfig.ID]})" for n, p in wf.properties.items()
+                if p.get(BundleProperty.REQUIRED) and p[BundlePropertyConfig.ID] not in wf.parser]  # fmt: skip
+    problems += [f"wrong id for {n}" for n, p in wf.properties.items() if not p.get(BundleProperty.REQUIRED) and not wf._check_optional_id(n, p)]
+    return problems
+
+
+@pytest.mark.parametrize("role", sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "role.yaml").is_file()))
+def test_every_role_config_has_monai_workflow_properties(role):
+    """MONAI Label and the zoo tools load a bundle through its TrainProperties / InferProperties ids."""
+    configs = BUNDLES_DIR / role / "configs"
+    for name, kind in (("train.yaml", "train"), ("evaluate.yaml", "infer"), ("inference.yaml", "infer")):
+        assert _property_problems(configs / name, kind) == [], (role, name)
+
+
+def test_exported_bundle_passes_default_ckpt_export_and_check_properties(exported, cohort, tmp_path):  # noqa: F811
+    """The zoo's ckpt_export with its default key (the plain state dict, no --key_in_ckpt) equals eager; MONAI's own
+    ConfigWorkflow.check_properties() (which evaluates every required property) passes for infer and train."""
+    from monai.bundle import ConfigWorkflow, ckpt_export
+
+    folder = shutil.copytree(exported[2], tmp_path / "b")
+    packed = snapshot(folder)
+    ts = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(folder / "models" / "model.pt"),
+                meta_file=str(folder / "configs" / "metadata.json"), config_file=str(folder / "configs" / "inference.yaml"),
+                bundle_root=str(folder), use_trace=True)  # fmt: skip
+    eager = networks.create("resnet18_student", **STUDENT_KW).eval()
+    eager.load_state_dict(torch.load(folder / "models" / "model.pt", weights_only=True))
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(ts))(x), eager(x), atol=1e-5)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(next(cohort.glob("case_*")) / "imaging.nii.gz", inputs / "a.nii.gz")
+    meta = str(folder / "configs" / "metadata.json")
+    for config, kind, override in (
+        ("inference.yaml", "infer", {"input_dir": str(inputs), "output_dir": str(tmp_path / "out")}),
+        ("evaluate.yaml", "infer", {"dataset_dir": str(cohort), "output_dir": str(tmp_path / "eval")}),
+        ("train.yaml", "train", {"dataset_dir": str(cohort), "output_dir": str(tmp_path / "train"), "in_plane_size": [64, 64],
+                                 "network_kwargs": {"base_width": 8}, "num_workers": 0, "pictures": False}),
+    ):  # fmt: skip
+        wf = ConfigWorkflow(config_file=str(folder / "configs" / config), meta_file=meta, logging_file=False,
+                            workflow_type=kind, bundle_root=str(folder), **override)  # fmt: skip
+        wf.initialize()
+        assert wf.check_properties() == [], config
+    assert snapshot(folder) == packed, "the property checks wrote into the bundle"

@@ -155,4 +155,4 @@ def test_inference_input_whose_voxels_are_missing(tmp_path):
     assert "Traceback" not in proc.stderr and "Failed to evaluate" not in proc.stderr
     assert snapshot(src, ckpt) == before
     assert (out / "volumes.csv").read_text().splitlines()[1].startswith("a_good,")
-    assert sorted(p.name for p in out.iterdir()) == ["a_good.nii.gz", "volumes.csv"] and not leftovers(out)
+    assert sorted(p.name for p in out.iterdir()) == ["a_good.ctbl", "a_good.nii.gz", "volumes.csv"] and not leftovers(out)

@@ -174,3 +174,21 @@ def test_checkpointer_breaks_tumor_dsc_ties_with_organ_dsc(tmp_path):
         trainer.state.epoch = epoch
         plain._validated(SimpleNamespace(state=SimpleNamespace(metrics={"dsc_tumor": 0.0, "dsc_organ": organ})))
     assert plain.best_epoch == 1
+
+
+def test_config_knobs_are_the_plain_top_level_values():
+    """Every plain knob of a bundle config becomes a param; sections, references, expressions and run control do not."""
+    from monai.bundle import ConfigParser
+
+    from pipelines.engine.tracking import config_knobs
+
+    config = ConfigParser({
+        "imports": ["$import os"], "lr_min": 1e-6, "warmup_epochs": 5, "grad_clip": 1.0, "deep_supervision": True,
+        "window": None, "in_plane_size": [64, 64], "network_kwargs": {"features": [4, 8]}, "resume": True,
+        "trainer": "@train#trainer", "device": "$torch.device('cpu')", "loss": {"_target_": "networks.SegLoss"},
+        "handlers": ["@a", "$b"], "_meta_": {"version": "1"},
+    })  # fmt: skip
+    assert config_knobs(config) == {"lr_min": 1e-6, "warmup_epochs": 5, "grad_clip": 1.0, "deep_supervision": True,
+                                    "window": None, "in_plane_size": [64, 64], "network_kwargs": {"features": [4, 8]}}  # fmt: skip
+    del config
+    assert config_knobs() == {}  # outside a bundle run (no ConfigParser on the call stack)

@@ -175,3 +175,68 @@ def test_draw_functions_write_valid_pngs(tmp_path):
         draw_case_metrics([], tmp_path / "x.png")
     with pytest.raises(TypeError, match="val_keys must be a sequence"):
         draw_curves([], [], tmp_path / "x.png", val_keys="mdice")
+
+
+def _halves(path):
+    """(left, right) halves of an overlay PNG with one case: the ground-truth panel and the prediction panel, above
+    the legend (whose sample lines are red too: the old pictures' only red pixels were there)."""
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
+    rgb = rgb[: int(0.9 * rgb.shape[0])]
+    mid = rgb.shape[1] // 2
+    return rgb[:, :mid], rgb[:, mid:]
+
+
+def _red(rgb):
+    return int(((rgb[..., 0] > 200) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)).sum())
+
+
+def _tinted(rgb):
+    """Share of pixels whose red clearly exceeds green and blue (the translucent red over grey CT)."""
+    return float(((rgb[..., 0] - rgb[..., 1] > 40) & (rgb[..., 0] - rgb[..., 2] > 40)).mean())
+
+
+def _yellow(rgb):
+    return int(((rgb[..., 0] > 200) & (rgb[..., 1] > 200) & (rgb[..., 2] < 80)).sum())
+
+
+def test_overlay_shows_the_truth_by_pixel_colours(tmp_path):
+    """Issue 18: a slice where the tumor is the whole foreground (its contour IS the organ+tumor contour) shows red
+    ground-truth pixels; a prediction that fills the slice tints the prediction panel red; an empty one is labelled."""
+    from pipelines.engine.pictures import CaseSlice, draw_overlays
+
+    image = np.full((64, 64), 100, np.uint8)
+    label = np.zeros((64, 64), np.uint8)
+    label[12:52, 16:48] = 2  # tumor only: organ+tumor and tumor contours coincide
+    full = np.full_like(label, 2)
+    partial = np.zeros_like(label)
+    partial[20:40, 20:40] = 1
+
+    def draw(pred, name):
+        s = CaseSlice("case_1", dsc=0.5, rvd=0.1, z=3, basis="ground-truth tumor", image=image, label=label, pred=pred, dsc_organ=0.75, spacing=(0.8, 0.8))
+        return _halves(draw_overlays({"best": s}, tmp_path / name))
+
+    gt_panel, pred_panel = draw(full, "full.png")
+    assert _red(gt_panel) > 100, "the ground-truth tumor contour is visible"
+    assert _tinted(pred_panel) > 0.25, "a prediction filling the slice is visible"
+    assert _tinted(gt_panel) < 0.05, "the ground-truth panel is not filled"
+    _, empty_panel = draw(np.zeros_like(label), "empty.png")
+    _, normal_panel = draw(partial, "partial.png")
+    assert _tinted(empty_panel) < 0.01 and _yellow(empty_panel) > _yellow(normal_panel) + 100, "an empty prediction says so"
+
+
+def test_curves_have_integer_epoch_ticks(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from pipelines.engine import pictures
+
+    seen = []
+    real_save = pictures._save
+    pictures._save = lambda fig, path, dpi=100: (seen.extend(ax.get_xticks() for ax in fig.axes), real_save(fig, path, dpi))[1]
+    try:
+        rows = [{"epoch": e, "train_loss": 1.0 / e} for e in (1, 2, 3)]
+        draw_curves(rows, [{"epoch": e, "dsc_tumor": 0.1 * e} for e in (1, 2, 3)], tmp_path / "c.png")
+    finally:
+        pictures._save = real_save
+        plt.close("all")
+    assert seen and all(float(t).is_integer() for ticks in seen for t in ticks)

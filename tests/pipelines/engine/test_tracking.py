@@ -172,6 +172,12 @@ def test_teacher_student_evaluation_links_and_logged_model(tmp_path, caplog, mon
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         np.testing.assert_allclose(loaded.eval()(x).numpy(), net.eval()(x).numpy(), rtol=1e-5, atol=1e-6)
+    _loads_outside_the_repository(model_dir, x, net, tmp_path / "elsewhere_empty")
+    # the registered version: a description and the run's validation metrics as tags; standard source tags
+    assert "unetpp_teacher" in version.description and teacher_id in version.description
+    assert version.tags["training_run_id"] == teacher_id and version.tags["network"] == "resnet18_student"
+    assert t_run.data.tags["mlflow.source.type"] == "LOCAL" and t_run.data.tags["mlflow.source.name"]
+    assert t_run.data.tags.get("mlflow.source.git.commit", "unknown") == git_commit()[0]
     # an evaluated checkpoint whose training is in another store: the id is kept, the run is not nested
     other = default_tracking_uri(tmp_path / "elsewhere" / "x")
     with caplog.at_level(logging.WARNING, logger="pipelines.engine.tracking"):
@@ -183,6 +189,45 @@ def test_teacher_student_evaluation_links_and_logged_model(tmp_path, caplog, mon
     assert e2.data.tags["training_run_id"] == teacher_id and "mlflow.parentRunId" not in e2.data.tags
     assert "not in this tracking store" in caplog.text
     assert not list(tmp_path.glob("*.db")), "nothing was tracked in a default store of the working directory"
+
+
+#: run in a fresh ``python -I`` (no PYTHONPATH, no user site, no script folder on sys.path) from an empty folder: the
+#: editable-install finder of ctdistill (which would map ``networks`` to a checkout) and every sys.path entry inside a
+#: checkout are removed, and the test first proves that ``networks`` is then not importable; only after that is the
+#: MLflow model loaded, which must bring its own copy of ``networks`` (logged with code_paths)
+_ISOLATED_LOAD = """
+import importlib.util, sys
+roots = {roots!r}
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in repr(h).lower()]
+sys.path_importer_cache.clear()
+sys.path[:] = [p for p in sys.path if p and p.rstrip("/") not in roots]  # a checkout root (site-packages stays)
+for name in ("networks", "pipelines", "distill", "transforms"):
+    assert importlib.util.find_spec(name) is None, name + " is still importable from the repository"
+import numpy as np, torch, mlflow.pytorch
+model = mlflow.pytorch.load_model({model_dir!r}).eval()
+import networks
+assert networks.__file__.startswith({model_dir!r}), networks.__file__
+with torch.no_grad():
+    np.save("y.npy", model(torch.from_numpy(np.load("x.npy"))).numpy())
+"""
+
+
+def _loads_outside_the_repository(model_dir: str, x: torch.Tensor, net: torch.nn.Module, folder: Path) -> None:
+    """The logged model loads and predicts identically in a process that cannot import the repository."""
+    import sys
+
+    import networks
+
+    folder.mkdir()
+    np.save(folder / "x.npy", x.numpy())
+    roots = sorted({str(REPO), str(Path(networks.__file__).resolve().parents[1]), "/work/main"})
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([sys.executable, "-I", "-c", _ISOLATED_LOAD.format(roots=roots, model_dir=model_dir)], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        # equal up to float32 summation order (the subprocess runs its own number of threads)
+        np.testing.assert_allclose(np.load(folder / "y.npy"), net.eval()(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_log_model_needs_a_checkpoint(tmp_path):
