@@ -90,7 +90,9 @@ def _positive(value: Any, name: str) -> float | None:
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"--{name} must be a spacing in mm (a positive number) or null (the median), got {value!r}") from None
+        raise ValueError(
+            f"--{name} must be a spacing in mm (a positive number) or null (the median), got {value!r}"
+        ) from None
     if not math.isfinite(out) or out <= 0:
         raise ValueError(f"--{name} must be a positive spacing in mm or null (the median), got {value!r}")
     return out
@@ -152,7 +154,10 @@ def make_plan(
         "target_spacing": [round(float(v), 5) for v in target],
         "in_plane_size": size,
         "window": [lo, hi],
-        "spacing_range": {"min": [round(float(v), 5) for v in spacings.min(0)], "max": [round(float(v), 5) for v in spacings.max(0)]},
+        "spacing_range": {
+            "min": [round(float(v), 5) for v in spacings.min(0)],
+            "max": [round(float(v), 5) for v in spacings.max(0)],
+        },
         "median_shape": [round(float(v), 1) for v in resampled],
         "cases": len(datalist),
         "spacing_source": "median" if in_plane is None and through is None else "knob",
@@ -197,7 +202,9 @@ def apply_plan(preprocessing: Mapping[str, Any], plan: Mapping[str, Any] | None)
     return out
 
 
-def checkpoint_preprocessing(settings: Mapping[str, Any], source: str | os.PathLike = "the checkpoint") -> dict[str, Any]:
+def checkpoint_preprocessing(
+    settings: Mapping[str, Any], source: str | os.PathLike = "the checkpoint"
+) -> dict[str, Any]:
     """The preprocessing a checkpoint was trained with, for evaluation and inference (its plan, unchanged).
 
     A checkpoint written before plans existed has none: it keeps working as trained (no resampling unless it
@@ -228,7 +235,9 @@ def checkpoint_preprocessing(settings: Mapping[str, Any], source: str | os.PathL
     return pre
 
 
-def spacing_outside_plan(path: str | os.PathLike, plan: Mapping[str, Any] | None, tolerance: float = SPACING_TOLERANCE) -> str:
+def spacing_outside_plan(
+    path: str | os.PathLike, plan: Mapping[str, Any] | None, tolerance: float = SPACING_TOLERANCE
+) -> str:
     """A warning when a volume's spacing lies far outside the training cases' spacing range, else ``""``.
 
     Args:
