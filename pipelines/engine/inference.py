@@ -30,6 +30,7 @@ from monai.transforms import MapTransform
 
 from pipelines.engine.atomic import TMP_MARKER, atomic_write
 from pipelines.engine.metrics import case_id, voxel_volume_ml, write_csv_atomic
+from pipelines.engine.safeguards import PROVENANCE_COLUMNS, input_problems, kidney_sides, label_name, result_flags
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -38,6 +39,8 @@ __all__ = [
     "is_label_file",
     "previous_outputs",
     "check_input_volume",
+    "modified_output",
+    "prediction_case",
     "convert_dicom",
     "output_path",
     "WriteLabelMapd",
@@ -48,7 +51,25 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-VOLUME_COLUMNS = ("case", "organ_ml", "tumor_ml", "organ_and_tumor_ml", "output")
+#: volumes.csv: volumes, per-kidney volumes (KiTS-type labels), the plausibility flag and its reason, where the model
+#: came from (``pipelines.engine.safeguards.PROVENANCE_COLUMNS``), the written label map's sha256, and the file (last)
+VOLUME_COLUMNS = (
+    "case",
+    "organ_ml",
+    "tumor_ml",
+    "organ_and_tumor_ml",
+    "left_kidney_ml",
+    "right_kidney_ml",
+    "flag",
+    "reason",
+    *PROVENANCE_COLUMNS,
+    "sha256",
+    "output",
+)
+#: the columns an earlier volumes.csv must have for its label maps to be replaceable (older ones lack the rest)
+_REQUIRED_COLUMNS = ("case", "output")
+#: nnU-Net's channel suffix: ``<case>_0000.nii.gz`` is the image of ``<case>``
+_NNUNET_CHANNEL = re.compile(r"_\d{4}$")
 #: the output folder's record of the label maps written into it (the only existing files inference may replace)
 VOLUMES_CSV = "volumes.csv"
 #: DICOM series converted to NIfTI go here, inside the output folder
@@ -72,9 +93,15 @@ def _looks_dicom(p: Path) -> bool:
         return False
 
 
+def prediction_case(image: str | os.PathLike) -> str:
+    """The case name of an input: KiTS ``case_X/imaging.nii.gz`` -> ``case_X``; nnU-Net ``<case>_0000.nii.gz`` ->
+    ``<case>``; else the file's stem."""
+    return _NNUNET_CHANNEL.sub("", case_id(str(image)))
+
+
 def output_path(output_dir: str | os.PathLike, image: str | os.PathLike) -> Path:
-    """Where the label map of ``image`` goes: ``<output_dir>/<case>.nii.gz`` (KiTS ``case_X/imaging`` -> ``case_X``)."""
-    return Path(output_dir) / f"{case_id(str(image))}.nii.gz"
+    """Where the label map of ``image`` goes: ``<output_dir>/<case>.nii.gz`` (:func:`prediction_case`)."""
+    return Path(output_dir) / f"{prediction_case(image)}.nii.gz"
 
 
 def is_label_file(path: str | os.PathLike) -> bool:
@@ -106,8 +133,8 @@ def previous_outputs(output_dir: str | os.PathLike) -> dict[str, list[str]]:
         output_dir: the inference output folder.
 
     Returns:
-        ``{file name: [case, organ_ml, tumor_ml, organ_and_tumor_ml, output]}``; empty without a readable
-        ``volumes.csv`` (then no existing file may be replaced).
+        ``{file name: row of VOLUME_COLUMNS}`` (columns an older volumes.csv lacks are ``""``); empty without a
+        readable ``volumes.csv`` (then no existing file may be replaced).
     """
     path = Path(output_dir) / VOLUMES_CSV
     if not path.is_file():
@@ -115,10 +142,10 @@ def previous_outputs(output_dir: str | os.PathLike) -> dict[str, list[str]]:
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or not set(VOLUME_COLUMNS) <= set(reader.fieldnames):
+            if not reader.fieldnames or not set(_REQUIRED_COLUMNS) <= set(reader.fieldnames):
                 logger.warning("%s is not a volumes.csv of this tool (columns %s): no existing output is replaced", path, reader.fieldnames)
                 return {}
-            rows = [[row[c] for c in VOLUME_COLUMNS] for row in reader]
+            rows = [[row.get(c) or "" for c in VOLUME_COLUMNS] for row in reader]
     except (OSError, csv.Error, UnicodeDecodeError) as e:
         logger.warning("cannot read %s (%s): no existing output is replaced", path, e)
         return {}
@@ -135,15 +162,39 @@ def _ours(path: Path, out: Path, previous: Mapping[str, Any]) -> bool:
     return path.name == VOLUMES_CSV or path.name in previous or (path.name.startswith(".") and TMP_MARKER in path.name)
 
 
+def modified_output(path: str | os.PathLike, row: Sequence[Any]) -> str:
+    """Why an earlier label map may NOT be replaced: its content no longer has the sha256 ``volumes.csv`` recorded
+    (someone, e.g. a clinician, corrected it); ``""`` when it may (unchanged, or recorded before hashes were).
+
+    Args:
+        path: the existing label map.
+        row: its ``volumes.csv`` row (:data:`VOLUME_COLUMNS`).
+
+    Returns:
+        the refusal message naming the file, or ``""``.
+    """
+    from pipelines.engine.tracking import file_sha256
+
+    recorded = str(row[VOLUME_COLUMNS.index("sha256")] or "") if len(row) == len(VOLUME_COLUMNS) else ""
+    if not recorded or not Path(path).is_file() or file_sha256(path) == recorded:
+        return ""
+    return (
+        f"refusing to overwrite {path}: its content changed since inference wrote it (sha256 differs from the one in "
+        f"{VOLUMES_CSV}; it may have been corrected by hand). Move it away or choose another --output_dir."
+    )
+
+
 def check_input_volume(path: str | os.PathLike) -> None:
-    """Refuse an input volume inference would get wrong: unreadable, not 3D, or without a defined voxel spacing.
+    """Refuse an input volume inference would get wrong: unreadable, not 3D, without a defined voxel spacing, or not
+    a CT (a label map by name or content, NaN/inf voxels, intensities that are not Hounsfield units; see
+    ``pipelines.engine.safeguards.input_problems``).
 
     Args:
         path: a NIfTI file.
 
     Raises:
-        ValueError: naming the file: it cannot be read, is 2D or 4D, or its spacing is zero / invented
-            (see ``pipelines.check_dataset.spacing_problems``).
+        ValueError: naming the file: it cannot be read, is 2D or 4D, its spacing is zero / invented
+            (see ``pipelines.check_dataset.spacing_problems``), or it is not a CT volume.
     """
     from pipelines.check_dataset import spacing_problems
 
@@ -160,13 +211,23 @@ def check_input_volume(path: str | os.PathLike) -> None:
     errors = [q.message for q in spacing_problems(image, p) if q.severity == "error"]
     if errors:
         raise ValueError(f"input {p}: {errors[0]}.")
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as e:  # noqa: BLE001 - truncated data is one clear message naming the file
+        raise ValueError(f"input {p}: its voxel data cannot be read ({type(e).__name__}: {e}); fix it or remove it.") from e
+    problems = input_problems(p, data.reshape(data.shape[:3]))
+    if problems:
+        raise ValueError(problems[0] + ".")
 
 
-def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> list[dict[str, str]]:
+def discover_inputs(
+    input_dir: str | os.PathLike, output_dir: str | os.PathLike, plan: Mapping[str, Any] | None = None
+) -> list[dict[str, str]]:
     """List the volumes to segment, converting DICOM series to NIfTI first, and make sure no file can be lost.
 
-    NIfTI files are found anywhere below ``input_dir`` (label files of a dataset layout are skipped, see
-    :func:`is_label_file`); a folder holding DICOM files (with or without an extension) is converted with
+    NIfTI files are found anywhere below ``input_dir`` (label files of a dataset layout, see :func:`is_label_file`,
+    and files named like label maps, ``*_seg*``/``*_mask*``/``*_label*``/``segmentation*``, are skipped with a
+    warning naming them); a folder holding DICOM files (with or without an extension) is converted with
     ``pipelines.dicom_to_nifti`` into ``<output_dir>/.dicom_nifti/`` (one NIfTI per series; patient identifiers are
     not carried over). Every input is checked (:func:`check_input_volume`) before any inference.
 
@@ -174,6 +235,8 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
         input_dir: folder of NIfTI volumes and/or DICOM series, or a single NIfTI file.
         output_dir: the inference output folder (label maps go here). It must not be ``input_dir``; inside it, it
             may hold only this tool's earlier outputs.
+        plan: the model's preprocessing plan: an input whose spacing lies far outside its training range gets a
+            warning naming both spacings.
 
     Returns:
         ``[{"image": path}]`` sorted by path.
@@ -214,6 +277,10 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
         labels = [p for p in candidates if is_label_file(p)]
         if labels:
             logger.info("skipping %d label file(s) of the dataset layout in %s (e.g. %s)", len(labels), src, labels[0])
+        named = sorted(p for p in candidates if p not in labels and label_name(p))
+        for p in named:
+            logger.warning("skipping %s: named like a label map (*_seg*, *_mask*, *_label*, segmentation*), not a CT", p)
+        labels += named
         images = sorted(set(candidates) - set(labels))
         dicom_dirs = sorted({p.parent for p in found if p.is_file() and not _is_nifti(p) and _looks_dicom(p)})
         if dicom_dirs:
@@ -239,8 +306,15 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
                 f"{target} exists and no earlier inference into {out} wrote it (its {VOLUMES_CSV} does not list it): "
                 "refusing to overwrite it; choose an empty --output_dir."
             )
+        if name in previous and modified_output(target, previous[name]):
+            raise ValueError(modified_output(target, previous[name]))
+    from pipelines.engine.plan import spacing_outside_plan
+
     for p in images:
         check_input_volume(p)
+        far = spacing_outside_plan(p, plan)
+        if far:
+            logger.warning(far)
     _check_writable(out)
     return [{"image": str(p)} for p in images]
 
@@ -298,19 +372,45 @@ class WriteLabelMapd(MapTransform):
     replaced. After every case ``<output_dir>/volumes.csv`` is rewritten (atomically) with the rows of this run and
     those of earlier runs whose label maps are still there, so a crashed run's outputs stay replaceable.
 
+    Each row also records the left/right kidney volumes (``task="kits"``: connected components, side from the
+    affine), a ``flag`` (``implausible``) with its ``reason`` when the organ or tumor volume lies outside its mL range
+    or no organ was found (also a warning in the log), the model's provenance (``provenance``: role, checkpoint
+    sha256, training run, plan, version, commit, date) and the sha256 of the written file: a later run into the same
+    folder replaces the file only while its content still has that hash (:func:`modified_output`). The NIfTI
+    header's ``descrip`` names the model.
+
     Args:
         keys: the prediction key (``"pred"``).
         output_dir: destination folder.
         image_key: key whose metadata names the input file.
         organ_label: organ label value.
         tumor_label: tumor label value.
+        provenance: ``pipelines.engine.safeguards.model_provenance`` of the model (None: those columns stay empty).
+        task: ``"kits"`` (per-kidney volumes) or ``"lits"``; picks the default mL ranges.
+        organ_ml_range: plausible organ volume ``[low, high]`` mL (None: the task's default).
+        tumor_ml_range: plausible tumor volume ``[low, high]`` mL (None: the task's default).
     """
 
-    def __init__(self, keys: str | Sequence[str] = "pred", output_dir: str = ".", image_key: str = "image", organ_label: int = 1, tumor_label: int = 2) -> None:
+    def __init__(
+        self,
+        keys: str | Sequence[str] = "pred",
+        output_dir: str = ".",
+        image_key: str = "image",
+        organ_label: int = 1,
+        tumor_label: int = 2,
+        provenance: Mapping[str, Any] | None = None,
+        task: str = "kits",
+        organ_ml_range: Sequence[float] | None = None,
+        tumor_ml_range: Sequence[float] | None = None,
+    ) -> None:
         super().__init__(keys)
         self.output_dir = Path(output_dir)
         self.image_key = image_key
         self.organ_label, self.tumor_label = int(organ_label), int(tumor_label)
+        self.provenance = {k: str((provenance or {}).get(k, "")) for k in PROVENANCE_COLUMNS}
+        self.task = str(task)
+        self.ranges = {"organ_ml_range": organ_ml_range, "tumor_ml_range": tumor_ml_range}
+        result_flags(1.0, 0.0, task=self.task, **self.ranges)  # a malformed range fails here, before any inference
         self.rows: list[list[Any]] = []
         # read before this run writes anything: the label maps earlier runs wrote into this folder
         self.previous = previous_outputs(self.output_dir)
@@ -339,28 +439,53 @@ class WriteLabelMapd(MapTransform):
             target = output_path(self.output_dir, src)
             if target.resolve() == Path(src).resolve():
                 raise ValueError(f"refusing to overwrite the input {src}.")
-            written = {Path(str(r[-1])).name for r in self.rows}
+            written = {Path(str(r[-1])).name: r for r in self.rows}
             if (target.exists() or target.is_symlink()) and target.name not in self.previous and target.name not in written:
                 raise ValueError(
                     f"refusing to overwrite {target}: it exists and no inference into {self.output_dir} wrote it "
                     f"(not in its {VOLUMES_CSV}); choose an empty output folder."
                 )
+            modified = modified_output(target, written.get(target.name) or self.previous.get(target.name) or [])
+            if modified:
+                raise ValueError(modified)
             img = nib.Nifti1Image(arr, affine)
             img.header.set_data_dtype(np.uint8)
             img.header.set_xyzt_units("mm")
+            role, sha = self.provenance["model_role"], self.provenance["checkpoint_sha256"]
+            img.header["descrip"] = (f"ctdistill {role or 'model'} {sha[:16]}".strip())[:79].encode()
             atomic_write(target, lambda tmp, img=img: nib.save(img, str(tmp)))
+            from pipelines.engine.tracking import file_sha256
+
             vox = voxel_volume_ml(affine)
             organ = float((arr == self.organ_label).sum()) * vox
             tumor = float((arr == self.tumor_label).sum()) * vox
+            sides = kidney_sides(arr, affine, (self.organ_label, self.tumor_label)) if self.task == "kits" else {}
+            reasons = result_flags(organ, tumor, task=self.task, **self.ranges)
+            if reasons:
+                logger.warning("%s: implausible result (%s); check the input and the model before using it", target, "; ".join(reasons))
             self.rows = [r for r in self.rows if Path(str(r[-1])).name != target.name]
-            self.rows.append([case_id(src), organ, tumor, organ + tumor, str(target)])
+            self.rows.append(
+                [
+                    prediction_case(src),
+                    organ,
+                    tumor,
+                    organ + tumor,
+                    sides.get("left_ml", ""),
+                    sides.get("right_ml", ""),
+                    "implausible" if reasons else "",
+                    "; ".join(reasons),
+                    *(self.provenance[k] for k in PROVENANCE_COLUMNS),
+                    file_sha256(target),
+                    str(target),
+                ]
+            )
             write_csv_atomic(self.output_dir / VOLUMES_CSV, VOLUME_COLUMNS, self.all_rows())
             logger.info("wrote %s (organ %.1f mL, tumor %.1f mL)", target, organ, tumor)
         return d
 
 
 class VolumesCsvWriter:
-    """At the end of inference, write ``volumes.csv`` (``case, organ_ml, tumor_ml, organ_and_tumor_ml, output``).
+    """At the end of inference, write ``volumes.csv`` (:data:`VOLUME_COLUMNS`).
 
     Args:
         writer: the :class:`WriteLabelMapd` of the postprocessing chain (its recorded rows are written, with the
