@@ -214,7 +214,7 @@ def check_input_volume(path: str | os.PathLike) -> None:
     try:
         data = np.asanyarray(image.dataobj)
     except Exception as e:  # noqa: BLE001 - truncated data is one clear message naming the file
-        raise ValueError(f"input {p}: its voxel data cannot be read ({type(e).__name__}: {e}); fix it or remove it.") from e
+        raise ValueError(f"cannot read {p} ({type(e).__name__}: {e}); fix it or remove it from --input_dir.") from e
     problems = input_problems(p, data.reshape(data.shape[:3]))
     if problems:
         raise ValueError(problems[0] + ".")
