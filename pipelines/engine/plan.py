@@ -28,6 +28,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform
 
 from transforms.window import TASK_WINDOWS, resolve_window
 
@@ -40,6 +41,7 @@ __all__ = [
     "apply_plan",
     "checkpoint_preprocessing",
     "spacing_outside_plan",
+    "OriginalLabeld",
 ]
 
 logger = logging.getLogger(__name__)
@@ -261,3 +263,30 @@ def spacing_outside_plan(
         f"{plan['spacing_range']['min']}..{plan['spacing_range']['max']} mm (target {plan.get('target_spacing')} mm): "
         "it is resampled to the target, but check the header and expect lower accuracy"
     )
+
+
+class OriginalLabeld(MapTransform):
+    """Replace a preprocessed label by the label file as stored (its original geometry), for metrics computed on
+    predictions resampled back to each input's geometry (evaluation with a plan): the reference is never a label
+    resampled twice.
+
+    Args:
+        keys: the label key(s); each must be a MetaTensor whose ``meta["filename_or_obj"]`` names its file.
+
+    Raises:
+        ValueError: a label without a file name.
+    """
+
+    def __init__(self, keys: str | Sequence[str] = "label") -> None:
+        super().__init__(keys)
+        self.loader = LoadImage(image_only=True)
+        self.channel = EnsureChannelFirst()
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            name = (getattr(d[key], "meta", None) or {}).get("filename_or_obj")
+            if not name:
+                raise ValueError(f"{key!r} carries no file name (meta['filename_or_obj']); cannot reload the original label")
+            d[key] = self.channel(self.loader(str(name)))
+        return d
