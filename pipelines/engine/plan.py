@@ -38,6 +38,7 @@ __all__ = [
     "SPACING_TOLERANCE",
     "ras_geometry",
     "make_plan",
+    "training_plan",
     "apply_plan",
     "checkpoint_preprocessing",
     "spacing_outside_plan",
@@ -169,6 +170,36 @@ def make_plan(
         len(datalist), plan["target_spacing"], size, plan["window"], plan["spacing_range"]["min"], plan["spacing_range"]["max"],
     )  # fmt: skip
     return plan
+
+
+def training_plan(
+    datalist: Sequence[Mapping[str, Any]], *, enabled: Any = True, teacher_checkpoint: str | os.PathLike | None = "", **kwargs: Any
+) -> dict[str, Any] | None:
+    """The plan a training run uses: a KD student takes its teacher's plan (the teacher's features are only
+    meaningful at the scale it was trained at), any other run derives one from its training split (:func:`make_plan`).
+
+    Args:
+        datalist: the training split.
+        enabled: the ``--plan`` knob (False: None, the old path).
+        teacher_checkpoint: the KD teacher's checkpoint (``""``: none).
+        kwargs: :func:`make_plan` keyword arguments.
+
+    Returns:
+        the plan, or None when disabled.
+    """
+    from pipelines.engine.errors import as_bool
+
+    if not as_bool(enabled):
+        return None
+    if teacher_checkpoint and str(teacher_checkpoint).strip():
+        from pipelines.engine.checkpoint import checkpoint_settings
+
+        plan = (checkpoint_settings(teacher_checkpoint).get("preprocessing") or {}).get("plan")
+        if plan:
+            logger.info("plan of the teacher %s: target spacing %s mm, network input %s", teacher_checkpoint, plan.get("target_spacing"), plan.get("in_plane_size"))
+            return dict(plan)
+        logger.warning("teacher %s has no preprocessing plan: the student derives its own from its training split", teacher_checkpoint)
+    return make_plan(datalist, **kwargs)
 
 
 def apply_plan(preprocessing: Mapping[str, Any], plan: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -145,3 +145,18 @@ def test_slice_inferer_in_plane_window():
     assert seen and set(seen) == {(64, 64)}
     with pytest.raises(ValueError, match="roi_size"):
         SliceBatchInferer(4, roi_size=(64,))
+
+
+def test_kd_student_takes_the_teachers_plan(tmp_path):
+    from pipelines.engine import training_plan
+
+    items = [_save(tmp_path / "a.nii.gz", (40, 40, 10), (0.8, 0.8, 3.0))]
+    teacher_plan = {"target_spacing": [1.5, 1.5, 5.0], "in_plane_size": [96, 96], "window": [-200.0, 300.0]}
+    teacher = tmp_path / "teacher.pt"
+    torch.save({"model": {}, "settings": {"preprocessing": {"plan": teacher_plan}}}, teacher)
+    assert training_plan(items, teacher_checkpoint=str(teacher)) == teacher_plan
+    assert training_plan(items, teacher_checkpoint="")["target_spacing"] == [0.8, 0.8, 3.0]
+    assert training_plan(items, enabled="false") is None
+    plain = tmp_path / "old_teacher.pt"
+    torch.save({"model": {}, "settings": {"preprocessing": {}}}, plain)
+    assert training_plan(items, teacher_checkpoint=str(plain))["target_spacing"] == [0.8, 0.8, 3.0]
