@@ -35,6 +35,7 @@ def test_real_ct_volumes_plausible_or_flagged(shared_data, teacher_run, tmp_path
     proc = run_bundle(
         "inferring", "bundles/unetpp_teacher/configs/inference.yaml", "--input_dir", str(src), "--output_dir", str(out),
         "--checkpoint", str(teacher_run / "checkpoints" / "best.pt"),
+        "--tracking_uri", f"sqlite:///{teacher_run.parent / 'mlruns.db'}",  # the training's store
     )  # fmt: skip
     log = proc.stdout + proc.stderr
     for name in ("example_seg.nii.gz", "example_seg_dicom.nii.gz"):
@@ -50,3 +51,16 @@ def test_real_ct_volumes_plausible_or_flagged(shared_data, teacher_run, tmp_path
     pred = nib.load(str(out / "example_ct.nii.gz"))
     assert pred.shape == nib.load(str(src / "example_ct.nii.gz")).shape
     assert np.allclose(pred.affine, nib.load(str(src / "example_ct.nii.gz")).affine)
+    # the inference run is tracked, nested under the training run that wrote the checkpoint
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{teacher_run.parent / 'mlruns.db'}")
+    training_run = (teacher_run / "checkpoints" / "mlflow_run_id").read_text().strip()
+    runs = [
+        r
+        for e in client.search_experiments()
+        for r in client.search_runs([e.experiment_id])
+        if r.info.run_name.startswith("unetpp_teacher_infer_")
+    ]
+    assert len(runs) == 1 and runs[0].data.tags.get("mlflow.parentRunId") == training_run
+    assert runs[0].data.params["stage"] == "inference" and runs[0].data.params["plan"].startswith("{")
