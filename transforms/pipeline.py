@@ -81,7 +81,8 @@ def build_transforms(
 
     Deterministic part (the same for every stage, and what ``CacheDataset`` caches: it stops at the first random
     transform, or at :class:`CacheBoundary`): ``LoadImaged -> EnsureChannelFirstd -> Orientationd("RAS") ->
-    [Spacingd(pixdim)] -> HUWindowd -> [Resized to in_plane_size]`` (+ for training only: edge-replicating pad of
+    [Spacingd(pixdim)] -> HUWindowd -> [Resized to in_plane_size, or with in_plane_mode="pad" (a preprocessing plan)
+    SpatialPadd up to it in 2.5D]`` (+ for training only: edge-replicating pad of
     k//2 slices at both ends in 2.5D, a pad up to the crop size, and the per-class voxel indices the crop sampler
     draws centres from, so no epoch re-scans a volume). The cache thus holds one (1, H, W, D) image and
     label per case at every stage (2.5D val/infer stack the slices after the cache). After orientation the axial axis

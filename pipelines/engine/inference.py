@@ -1,9 +1,11 @@
 """Inference helpers for the bundles' ``inferring`` workflow: input discovery (NIfTI files or DICOM series),
 label maps written atomically in each input's original geometry, and a CSV of predicted volumes.
 
-Flow (``bundles/common/configs/inference.yaml``): :func:`discover_inputs` -> ``transforms.build_transforms("infer")``
--> whole-volume inferer -> ``AsDiscreted(argmax)`` -> ``Invertd`` (back to the file's geometry) ->
-:class:`WriteLabelMapd` -> :class:`VolumesCsvWriter` at the end. Inputs are never modified or overwritten.
+Flow (``bundles/common/configs/inference.yaml``): :func:`discover_inputs` (inputs that are not CT are skipped or
+refused, ``pipelines.engine.safeguards``) -> ``transforms.build_transforms("infer")`` with the checkpoint's plan ->
+whole-volume inferer -> softmax -> ``Invertd`` (the probabilities back to the file's exact geometry) -> argmax ->
+:class:`WriteLabelMapd` (flags, provenance, sha256) -> :class:`VolumesCsvWriter` at the end. Inputs are never modified
+or overwritten, nor is a label map whose content changed since this tool wrote it.
 
 No data loss, by construction: an output folder that is the input folder, or lies inside it while holding files this
 tool did not write, is refused; a label map is written only to a path that does not exist yet or that an earlier run
