@@ -39,8 +39,10 @@ __all__ = [
     "PLAUSIBLE_SPACING_MM",
     "ANISOTROPY_WARN",
     "ANISOTROPY_ERROR",
+    "CT_MAX_PLAUSIBLE",
     "Problem",
     "spacing_problems",
+    "image_problems",
     "check_dataset",
     "main",
 ]
@@ -53,6 +55,8 @@ DEFAULT_LABELS: tuple[int, ...] = (0, 1, 2)
 CT_MIN_BELOW = -500.0
 #: A CT volume holds bone or contrast above this (HU).
 CT_MAX_ABOVE = 200.0
+#: No CT voxel lies above this (HU; metal on extended-scale CT stays below ~30000): beyond, the data is corrupt
+CT_MAX_PLAUSIBLE = 1.0e5
 _AFFINE_TOL = 1e-3
 #: voxel spacings (mm) outside this range are implausible for CT, e.g. a header in metres (WARNING); wide on purpose:
 #: small synthetic cohorts have 6-13 mm voxels
@@ -276,6 +280,23 @@ def _fingerprint(data: np.ndarray, affine: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def image_problems(path: str | Path, data: np.ndarray) -> list[Problem]:
+    """The CT intensity checks of one image's voxels: NaN/inf (ERROR), not Hounsfield units (ERROR: nothing below
+    ``CT_MIN_BELOW``, e.g. unsigned 0..1905 without its rescale; or voxels beyond ``CT_MAX_PLAUSIBLE``, e.g. 1e30),
+    no bone or contrast (WARNING). Used by :func:`check_dataset` and by inference on each input.
+
+    Args:
+        path: the file (for the messages).
+        data: its voxels (scaled by the header's slope/intercept).
+
+    Returns:
+        the problems found (empty for a plausible CT).
+    """
+    problems: list[Problem] = []
+    _check_image(Path(path), np.asanyarray(data), problems)
+    return problems
+
+
 def _check_image(path: Path, data: np.ndarray, problems: list[Problem]) -> None:
     if np.issubdtype(data.dtype, np.floating):
         finite = np.isfinite(data)
@@ -287,7 +308,17 @@ def _check_image(path: Path, data: np.ndarray, problems: list[Problem]) -> None:
                 return
             data = data[finite]
     lo, hi = float(data.min()), float(data.max())
-    if lo >= CT_MIN_BELOW:
+    if max(abs(lo), abs(hi)) > CT_MAX_PLAUSIBLE:
+        n_far = int(np.count_nonzero(np.abs(data) > CT_MAX_PLAUSIBLE))
+        problems.append(
+            Problem(
+                "error",
+                str(path),
+                f"intensities {lo:g}..{hi:g}: {n_far} voxels beyond +-{CT_MAX_PLAUSIBLE:g}, not Hounsfield units (corrupt "
+                "data or a wrong rescale slope/intercept); give raw HU volumes",
+            )
+        )
+    elif lo >= CT_MIN_BELOW:
         problems.append(
             Problem(
                 "error",

@@ -32,6 +32,8 @@ __all__ = [
     "make_splits",
     "CREATED_BY",
     "build_datalist",
+    "NNUNET_SPLITS",
+    "nnunet_splits",
     "datalist_text",
     "is_own_datalist",
     "save_datalist",
@@ -335,6 +337,47 @@ def make_splits(
     return result
 
 
+#: nnU-Net's cross-validation split file: a list of folds ``[{"train": [case, ...], "val": [case, ...]}, ...]``
+NNUNET_SPLITS = "splits_final.json"
+
+
+def nnunet_splits(path: str | Path, cases: Sequence[dict[str, Any]], fold: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Read nnU-Net's ``splits_final.json`` as a split: its fold's ``train`` cases -> training, ``val`` -> validation;
+    unlabelled cases (``imagesTs``) -> test.
+
+    Args:
+        path: the ``splits_final.json`` (found in the dataset folder by :func:`build_datalist`).
+        cases: :func:`find_cases` of the dataset (case ids: nnU-Net's, ``<case>`` of ``<case>_0000.nii.gz``).
+        fold: the fold to use.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...]}`` entries as :func:`make_splits` writes them.
+
+    Raises:
+        ValueError: not a list of ``{"train", "val"}`` folds, a fold out of range, or case ids absent from the
+            dataset (naming them).
+    """
+    path = Path(path)
+    try:
+        folds = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read nnU-Net's split ({e})") from e
+    if not isinstance(folds, list) or not all(isinstance(f, dict) and {"train", "val"} <= set(f) for f in folds):
+        raise ValueError(f"{path} is not nnU-Net's splits_final.json (a list of {{'train': [...], 'val': [...]}} folds)")
+    if not 0 <= int(fold) < len(folds):
+        raise ValueError(f"{path} has {len(folds)} folds; fold {fold} does not exist")
+    by_id = {c["case"]: c for c in cases}
+    chosen = folds[int(fold)]
+    missing = sorted(str(c) for c in [*chosen["train"], *chosen["val"]] if str(c) not in by_id)
+    if missing:
+        raise ValueError(f"{path} names cases the dataset does not hold: {missing[:5]} ({len(missing)} in all)")
+    return {
+        "training": [_entry(by_id[str(c)]) for c in chosen["train"]],
+        "validation": [_entry(by_id[str(c)]) for c in chosen["val"]],
+        "test": [_entry(c, with_label=False) for c in cases if not c.get("labelled")],
+    }
+
+
 def build_datalist(
     source: str | Path,
     *,
@@ -355,7 +398,11 @@ def build_datalist(
     """
     source = Path(source)
     layout, cases = find_cases(source)
-    splits = make_splits(cases, val_fraction=val_fraction, folds=folds, fold=fold, preset=preset, seed=seed)
+    if folds is None and source.is_dir() and (source / NNUNET_SPLITS).is_file():
+        splits = nnunet_splits(source / NNUNET_SPLITS, cases, fold=fold)
+        logger.info("split from nnU-Net's %s (fold %d)", source / NNUNET_SPLITS, fold)
+    else:
+        splits = make_splits(cases, val_fraction=val_fraction, folds=folds, fold=fold, preset=preset, seed=seed)
     result: dict[str, Any] = dict(splits)
     result["meta"] = {
         "created_by": CREATED_BY,

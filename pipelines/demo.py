@@ -116,7 +116,7 @@ def _ms_per_slice(checkpoint: Path, image: str, repeats: int = 3) -> tuple[int, 
     pre = settings["preprocessing"]
     data = transforms.build_transforms("infer", **pre)({"image": image})
     x = torch.as_tensor(data["image"] if not isinstance(data["image"], MetaTensor) else data["image"].as_tensor())[None]
-    inferer = make_inferer(pre["spatial_dims"], pre.get("roi_size"), sw_batch_size=16)
+    inferer = make_inferer(pre["spatial_dims"], pre.get("roi_size"), sw_batch_size=16, in_plane_size=pre.get("in_plane_size"))
     times = []
     with torch.no_grad():
         inferer(x, net)  # warm-up

@@ -6,7 +6,8 @@ worker processes, crops a slab (``RandCropByLabelClassesd``), stacks it (``Stack
 ``RandRotated`` / ``RandFlipd``). Here:
 
 1. :func:`cache_volumes` runs the deterministic preprocessing of :func:`transforms.build_transforms` (orientation,
-   optional spacing, HU window, in-plane resize: the ``val`` stage up to its :class:`~transforms.CacheBoundary`) ONCE
+   optional spacing, HU window, in-plane resize -- or, with a preprocessing plan, padding plus a centre crop to the
+   network input: the ``val`` stage up to its :class:`~transforms.CacheBoundary`) ONCE
    per volume and keeps all volumes in one (sum D, H, W) tensor on the device (image float16 or uint8, label uint8),
    with the slice index of each class' voxels (at most ``MAX_INDICES_PER_CLASS`` per class and volume, evenly spaced
    in raster order like ``ClassesToIndicesd``);
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from monai.transforms import Compose
+from monai.transforms import Compose, ResizeWithPadOrCropd
 
 from transforms.device_augment import BatchRotateFlip
 from transforms.device_loader import (
@@ -261,6 +262,10 @@ def cache_volumes(
     pre = dict(preprocessing)
     pre.pop("roi_size", None)
     head = deterministic_head(build_transforms("val", **pre))
+    if pre.get("in_plane_mode") == "pad" and pre.get("in_plane_size"):
+        # a plan pads to the network input but keeps larger fields of view: one size to batch (centre crop)
+        size = [int(pre["in_plane_size"][0]), int(pre["in_plane_size"][1]), -1]
+        head = Compose([head, ResizeWithPadOrCropd(keys=["image", "label"], spatial_size=size)])
     out_range = tuple(float(v) for v in pre.get("output_range", (0.0, 1.0)))
     dev = resolve_device(device)
     dtype = IMAGE_DTYPES[image_dtype]

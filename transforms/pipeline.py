@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from monai.transforms import (
     BorderPadd,
@@ -21,9 +22,12 @@ from transforms.sampling import INDICES_POSTFIX, build_class_indexer, build_samp
 from transforms.stack import StackSlicesd, check_num_slices
 from transforms.window import TASK_WINDOWS, HUWindowd, resolve_window
 
-__all__ = ["STAGES", "DEFAULT_ROI_3D", "CacheBoundary", "build_transforms"]
+__all__ = ["STAGES", "IN_PLANE_MODES", "DEFAULT_ROI_3D", "CacheBoundary", "build_transforms"]
 
 STAGES: tuple[str, ...] = ("train", "val", "infer")
+#: how slices reach ``in_plane_size``: resized (the old path, distorts the aspect ratio) or padded (the plan's path:
+#: millimetres kept; larger slices are cropped for training and predicted with an in-plane sliding window)
+IN_PLANE_MODES: tuple[str, ...] = ("resize", "pad")
 #: 3D training patch used when ``roi_size`` is not given.
 DEFAULT_ROI_3D: tuple[int, int, int] = (96, 96, 32)
 
@@ -55,6 +59,8 @@ def build_transforms(
     output_range: Sequence[float] = (0.0, 1.0),
     pixdim: Sequence[float] | None = None,
     in_plane_size: Sequence[int] | None = None,
+    in_plane_mode: str = "resize",
+    plan: Mapping[str, Any] | None = None,
     roi_size: Sequence[int] | None = None,
     num_samples: int = 4,
     tumor_share: float = 0.5,
@@ -75,7 +81,8 @@ def build_transforms(
 
     Deterministic part (the same for every stage, and what ``CacheDataset`` caches: it stops at the first random
     transform, or at :class:`CacheBoundary`): ``LoadImaged -> EnsureChannelFirstd -> Orientationd("RAS") ->
-    [Spacingd(pixdim)] -> HUWindowd -> [Resized to in_plane_size]`` (+ for training only: edge-replicating pad of
+    [Spacingd(pixdim)] -> HUWindowd -> [Resized to in_plane_size, or with in_plane_mode="pad" (a preprocessing plan)
+    SpatialPadd up to it in 2.5D]`` (+ for training only: edge-replicating pad of
     k//2 slices at both ends in 2.5D, a pad up to the crop size, and the per-class voxel indices the crop sampler
     draws centres from, so no epoch re-scans a volume). The cache thus holds one (1, H, W, D) image and
     label per case at every stage (2.5D val/infer stack the slices after the cache). After orientation the axial axis
@@ -107,7 +114,14 @@ def build_transforms(
         output_range: windowed intensity range, default (0, 1).
         pixdim: target voxel spacing (x, y, z) in mm for ``Spacingd``; non-positive entries keep that axis'
             spacing (e.g. ``(0.8, 0.8, -1)``); None: no resampling.
-        in_plane_size: (h, w) to resize every axial slice to (depth kept); None: no resizing.
+        in_plane_size: (h, w) the network input: every axial slice is resized to it (``in_plane_mode="resize"``)
+            or padded to at least it (``"pad"``); depth kept. None: slices kept as they are.
+        in_plane_mode: ``"resize"`` (the old path) or ``"pad"`` (a preprocessing plan's: the voxel size in mm is
+            kept; 2.5D training crops ``in_plane_size`` slabs from the padded volume, val/infer volumes larger than
+            it are predicted with an in-plane sliding window; 3D pads nothing, its patches do). See
+            ``pipelines.engine.plan``.
+        plan: the preprocessing plan these arguments were derived from (``pipelines.engine.apply_plan``); carried
+            for provenance only, never read here.
         roi_size: training crop. 2.5D: in-plane (h, w), None = the whole slice (volumes of different in-plane
             sizes then need ``in_plane_size`` to be batched). 3D: patch (h, w, d), default ``DEFAULT_ROI_3D``.
         num_samples: N crops drawn per volume per epoch (train).
@@ -148,6 +162,9 @@ def build_transforms(
         raise ValueError(f"pixdim must be 3 spacings (x, y, z) in mm, got {tuple(pixdim)!r}")
     if in_plane_size is not None and (len(in_plane_size) != 2 or min(in_plane_size) < 1):
         raise ValueError(f"in_plane_size must be two positive ints (h, w), got {tuple(in_plane_size)!r}")
+    if in_plane_mode not in IN_PLANE_MODES:
+        raise ValueError(f"in_plane_mode must be one of {IN_PLANE_MODES}, got {in_plane_mode!r}")
+    pad_mode = in_plane_mode == "pad" and in_plane_size is not None
 
     keys = [image_key, label_key] if with_label else [image_key]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
@@ -161,12 +178,17 @@ def build_transforms(
     ops.append(HUWindowd(keys=image_key, window=window, output_range=output_range))
     if in_plane_size is not None:
         size = [int(in_plane_size[0]), int(in_plane_size[1]), -1]
-        ops.append(Resized(keys=keys, spatial_size=size, mode=["trilinear", "nearest"][: len(keys)]))
+        if not pad_mode:
+            ops.append(Resized(keys=keys, spatial_size=size, mode=["trilinear", "nearest"][: len(keys)]))
+        elif spatial_dims == 2:  # millimetres kept: pad up to the network input (inverted like any padding)
+            ops.append(SpatialPadd(keys=keys, spatial_size=size, mode="constant"))
 
     if stage == "train":
         if spatial_dims == 2:
             if roi_size is not None and len(roi_size) != 2:
                 raise ValueError(f"2.5D roi_size is in-plane (h, w), got {tuple(roi_size)!r}")
+            if roi_size is None and pad_mode:  # padded volumes differ in size: train on network-input crops
+                roi_size = in_plane_size
             roi = [-1, -1, k] if roi_size is None else [int(roi_size[0]), int(roi_size[1]), k]
             if k > 1:  # edge slices can be crop centres, with the same replication StackSlicesd uses at inference
                 ops.append(BorderPadd(keys=keys, spatial_border=[0, 0, 0, 0, k // 2, k // 2], mode="replicate"))

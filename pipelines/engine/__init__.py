@@ -13,8 +13,10 @@ The bundles write ``$import pipelines.engine`` once and reference ``pipelines.en
   ``optim`` (lr schedule, gradient clipping), ``curves`` (validation history), ``pictures`` (case overlays,
   training curves, per-case plot), ``progress`` (evaluation/inference progress bars), ``data`` (CacheDataset, memory
   estimate, NIfTI writer), ``atomic`` (atomic file writes), ``tracking`` (MLflow), ``knobs`` (bundle ``--help`` and
-  unknown-knob guard), ``inference`` (input discovery, label-map writer), ``dicom_seg`` (DICOM-SEG
-  output, C-STORE), ``labels`` (label names, colours, 3D Slicer color tables), ``polyp`` (the polyp bundle's data pieces)
+  unknown-knob guard), ``inference`` (input discovery, label-map writer), ``safeguards`` (inputs
+  that are not CT, implausible results, provenance), ``plan`` (the preprocessing plan: target spacing, window,
+  network input, from the training split), ``dicom_seg`` (DICOM-SEG output, C-STORE), ``labels`` (label names,
+  colours, 3D Slicer color tables), ``polyp`` (the polyp bundle's data pieces)
 
 The command-line tools stay in ``pipelines/`` (``python -m pipelines.<tool>``); nothing here parses arguments.
 """
@@ -40,12 +42,14 @@ from pipelines.engine.metrics import *  # noqa: F403
 from pipelines.engine.optim import *  # noqa: F403
 from pipelines.engine.output import *  # noqa: F403
 from pipelines.engine.pictures import *  # noqa: F403
+from pipelines.engine.plan import *  # noqa: F403
 from pipelines.engine.polyp import *  # noqa: F403
 from pipelines.engine.preflight import *  # noqa: F403
 from pipelines.engine.progress import *  # noqa: F403
+from pipelines.engine.safeguards import *  # noqa: F403
 from pipelines.engine.splits import *  # noqa: F403
 from pipelines.engine.tracking import *  # noqa: F403
 
 #: the modules re-exported here (one concern each; the public API is the union of their ``__all__``)
-_MODULES = ("atomic", "case_dataset", "checkpoint", "curves", "data", "dicom_seg", "errors", "gate", "handlers", "inference", "inferers", "knobs", "labels", "metrics", "optim", "output", "pictures", "polyp", "preflight", "progress", "splits", "tracking")
+_MODULES = ("atomic", "case_dataset", "checkpoint", "curves", "data", "dicom_seg", "errors", "gate", "handlers", "inference", "inferers", "knobs", "labels", "metrics", "optim", "output", "pictures", "plan", "polyp", "preflight", "progress", "safeguards", "splits", "tracking")
 __all__ = [name for module in _MODULES for name in importlib.import_module(f"pipelines.engine.{module}").__all__]

@@ -1,9 +1,11 @@
 """Inference helpers for the bundles' ``inferring`` workflow: input discovery (NIfTI files or DICOM series),
 label maps written atomically in each input's original geometry, and a CSV of predicted volumes.
 
-Flow (``bundles/common/configs/inference.yaml``): :func:`discover_inputs` -> ``transforms.build_transforms("infer")``
--> whole-volume inferer -> ``AsDiscreted(argmax)`` -> ``Invertd`` (back to the file's geometry) ->
-:class:`WriteLabelMapd` -> :class:`VolumesCsvWriter` at the end. Inputs are never modified or overwritten.
+Flow (``bundles/common/configs/inference.yaml``): :func:`discover_inputs` (inputs that are not CT are skipped or
+refused, ``pipelines.engine.safeguards``) -> ``transforms.build_transforms("infer")`` with the checkpoint's plan ->
+whole-volume inferer -> softmax -> ``Invertd`` (the probabilities back to the file's exact geometry) -> argmax ->
+:class:`WriteLabelMapd` (flags, provenance, sha256) -> :class:`VolumesCsvWriter` at the end. Inputs are never modified
+or overwritten, nor is a label map whose content changed since this tool wrote it.
 
 No data loss, by construction: an output folder that is the input folder, or lies inside it while holding files this
 tool did not write, is refused; a label map is written only to a path that does not exist yet or that an earlier run
@@ -30,6 +32,7 @@ from monai.transforms import MapTransform
 
 from pipelines.engine.atomic import TMP_MARKER, atomic_write
 from pipelines.engine.metrics import case_id, voxel_volume_ml, write_csv_atomic
+from pipelines.engine.safeguards import PROVENANCE_COLUMNS, input_problems, kidney_sides, label_name, result_flags
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -38,6 +41,8 @@ __all__ = [
     "is_label_file",
     "previous_outputs",
     "check_input_volume",
+    "modified_output",
+    "prediction_case",
     "convert_dicom",
     "output_path",
     "WriteLabelMapd",
@@ -48,9 +53,26 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-VOLUME_COLUMNS = ("case", "organ_ml", "tumor_ml", "organ_and_tumor_ml", "labels", "output")
-#: ``labels``: what the label values mean, e.g. ``0=background;1=kidney;2=kidney tumor`` (absent from older CSVs)
-_OPTIONAL_COLUMNS = ("labels",)
+#: volumes.csv: volumes, what the label values mean (``labels``, e.g. ``0=background;1=kidney;2=kidney tumor``), per-kidney volumes (KiTS-type labels), the plausibility flag and its reason, where the model
+#: came from (``pipelines.engine.safeguards.PROVENANCE_COLUMNS``), the written label map's sha256, and the file (last)
+VOLUME_COLUMNS = (
+    "case",
+    "organ_ml",
+    "tumor_ml",
+    "organ_and_tumor_ml",
+    "labels",
+    "left_kidney_ml",
+    "right_kidney_ml",
+    "flag",
+    "reason",
+    *PROVENANCE_COLUMNS,
+    "sha256",
+    "output",
+)
+#: the columns an earlier volumes.csv must have for its label maps to be replaceable (older ones lack the rest)
+_REQUIRED_COLUMNS = ("case", "output")
+#: nnU-Net's channel suffix: ``<case>_0000.nii.gz`` is the image of ``<case>``
+_NNUNET_CHANNEL = re.compile(r"_\d{4}$")
 #: the output folder's record of the label maps written into it (the only existing files inference may replace)
 VOLUMES_CSV = "volumes.csv"
 #: DICOM series converted to NIfTI go here, inside the output folder
@@ -74,9 +96,15 @@ def _looks_dicom(p: Path) -> bool:
         return False
 
 
+def prediction_case(image: str | os.PathLike) -> str:
+    """The case name of an input: KiTS ``case_X/imaging.nii.gz`` -> ``case_X``; nnU-Net ``<case>_0000.nii.gz`` ->
+    ``<case>``; else the file's stem."""
+    return _NNUNET_CHANNEL.sub("", case_id(str(image)))
+
+
 def output_path(output_dir: str | os.PathLike, image: str | os.PathLike) -> Path:
-    """Where the label map of ``image`` goes: ``<output_dir>/<case>.nii.gz`` (KiTS ``case_X/imaging`` -> ``case_X``)."""
-    return Path(output_dir) / f"{case_id(str(image))}.nii.gz"
+    """Where the label map of ``image`` goes: ``<output_dir>/<case>.nii.gz`` (:func:`prediction_case`)."""
+    return Path(output_dir) / f"{prediction_case(image)}.nii.gz"
 
 
 def is_label_file(path: str | os.PathLike) -> bool:
@@ -108,8 +136,8 @@ def previous_outputs(output_dir: str | os.PathLike) -> dict[str, list[str]]:
         output_dir: the inference output folder.
 
     Returns:
-        ``{file name: [case, organ_ml, tumor_ml, organ_and_tumor_ml, labels, output]}``; empty without a readable
-        ``volumes.csv`` (then no existing file may be replaced).
+        ``{file name: row of VOLUME_COLUMNS}`` (columns an older volumes.csv lacks are ``""``); empty without a
+        readable ``volumes.csv`` (then no existing file may be replaced).
     """
     path = Path(output_dir) / VOLUMES_CSV
     if not path.is_file():
@@ -117,7 +145,7 @@ def previous_outputs(output_dir: str | os.PathLike) -> dict[str, list[str]]:
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or not set(VOLUME_COLUMNS) - set(_OPTIONAL_COLUMNS) <= set(reader.fieldnames):
+            if not reader.fieldnames or not set(_REQUIRED_COLUMNS) <= set(reader.fieldnames):
                 logger.warning("%s is not a volumes.csv of this tool (columns %s): no existing output is replaced", path, reader.fieldnames)
                 return {}
             rows = [[row.get(c) or "" for c in VOLUME_COLUMNS] for row in reader]
@@ -146,15 +174,39 @@ def _listed(name: str, previous: Mapping[str, Any]) -> bool:
     return name in previous or (stem is not None and any(f"{stem}{s}" in previous for s in (".nii.gz", SEG_SUFFIX)))
 
 
+def modified_output(path: str | os.PathLike, row: Sequence[Any]) -> str:
+    """Why an earlier label map may NOT be replaced: its content no longer has the sha256 ``volumes.csv`` recorded
+    (someone, e.g. a clinician, corrected it); ``""`` when it may (unchanged, or recorded before hashes were).
+
+    Args:
+        path: the existing label map.
+        row: its ``volumes.csv`` row (:data:`VOLUME_COLUMNS`).
+
+    Returns:
+        the refusal message naming the file, or ``""``.
+    """
+    from pipelines.engine.tracking import file_sha256
+
+    recorded = str(row[VOLUME_COLUMNS.index("sha256")] or "") if len(row) == len(VOLUME_COLUMNS) else ""
+    if not recorded or not Path(path).is_file() or file_sha256(path) == recorded:
+        return ""
+    return (
+        f"refusing to overwrite {path}: its content changed since inference wrote it (sha256 differs from the one in "
+        f"{VOLUMES_CSV}; it may have been corrected by hand). Move it away or choose another --output_dir."
+    )
+
+
 def check_input_volume(path: str | os.PathLike) -> None:
-    """Refuse an input volume inference would get wrong: unreadable, not 3D, or without a defined voxel spacing.
+    """Refuse an input volume inference would get wrong: unreadable, not 3D, without a defined voxel spacing, or not
+    a CT (a label map by name or content, NaN/inf voxels, intensities that are not Hounsfield units; see
+    ``pipelines.engine.safeguards.input_problems``).
 
     Args:
         path: a NIfTI file.
 
     Raises:
-        ValueError: naming the file: it cannot be read, is 2D or 4D, or its spacing is zero / invented
-            (see ``pipelines.check_dataset.spacing_problems``).
+        ValueError: naming the file: it cannot be read, is 2D or 4D, its spacing is zero / invented
+            (see ``pipelines.check_dataset.spacing_problems``), or it is not a CT volume.
     """
     from pipelines.check_dataset import spacing_problems
 
@@ -171,13 +223,23 @@ def check_input_volume(path: str | os.PathLike) -> None:
     errors = [q.message for q in spacing_problems(image, p) if q.severity == "error"]
     if errors:
         raise ValueError(f"input {p}: {errors[0]}.")
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as e:  # noqa: BLE001 - truncated data is one clear message naming the file
+        raise ValueError(f"cannot read {p} ({type(e).__name__}: {e}); fix it or remove it from --input_dir.") from e
+    problems = input_problems(p, data.reshape(data.shape[:3]))
+    if problems:
+        raise ValueError(problems[0] + ".")
 
 
-def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> list[dict[str, str]]:
+def discover_inputs(
+    input_dir: str | os.PathLike, output_dir: str | os.PathLike, plan: Mapping[str, Any] | None = None
+) -> list[dict[str, str]]:
     """List the volumes to segment, converting DICOM series to NIfTI first, and make sure no file can be lost.
 
-    NIfTI files are found anywhere below ``input_dir`` (label files of a dataset layout are skipped, see
-    :func:`is_label_file`); a folder holding DICOM files (with or without an extension) is converted with
+    NIfTI files are found anywhere below ``input_dir`` (label files of a dataset layout, see :func:`is_label_file`,
+    and files named like label maps, ``*_seg*``/``*_mask*``/``*_label*``/``segmentation*``, are skipped with a
+    warning naming them); a folder holding DICOM files (with or without an extension) is converted with
     ``pipelines.dicom_to_nifti`` into ``<output_dir>/.dicom_nifti/`` (one NIfTI per series; patient identifiers are
     not carried over). Every input is checked (:func:`check_input_volume`) before any inference.
 
@@ -185,6 +247,8 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
         input_dir: folder of NIfTI volumes and/or DICOM series, or a single NIfTI file.
         output_dir: the inference output folder (label maps go here). It must not be ``input_dir``; inside it, it
             may hold only this tool's earlier outputs.
+        plan: the model's preprocessing plan: an input whose spacing lies far outside its training range gets a
+            warning naming both spacings.
 
     Returns:
         ``[{"image": path}]`` sorted by path; a converted DICOM series also has ``"dicom_dir"`` (its folder, the
@@ -227,6 +291,10 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
         labels = [p for p in candidates if is_label_file(p)]
         if labels:
             logger.info("skipping %d label file(s) of the dataset layout in %s (e.g. %s)", len(labels), src, labels[0])
+        named = sorted(p for p in candidates if p not in labels and label_name(p))
+        for p in named:
+            logger.warning("skipping %s: named like a label map (*_seg*, *_mask*, *_label*, segmentation*), not a CT", p)
+        labels += named
         images = sorted(set(candidates) - set(labels))
         dicom_dirs = sorted({p.parent for p in found if p.is_file() and not _is_nifti(p) and _looks_dicom(p)})
         if dicom_dirs:
@@ -254,8 +322,15 @@ def discover_inputs(input_dir: str | os.PathLike, output_dir: str | os.PathLike)
                 f"{target} exists and no earlier inference into {out} wrote it (its {VOLUMES_CSV} does not list it): "
                 "refusing to overwrite it; choose an empty --output_dir."
             )
+        if name in previous and modified_output(target, previous[name]):
+            raise ValueError(modified_output(target, previous[name]))
+    from pipelines.engine.plan import spacing_outside_plan
+
     for p in images:
         check_input_volume(p)
+        far = spacing_outside_plan(p, plan)
+        if far:
+            logger.warning(far)
     _check_writable(out)
     return [{"image": str(p), "dicom_dir": str(sources[p])} if p in sources else {"image": str(p)} for p in images]
 
@@ -313,6 +388,13 @@ class WriteLabelMapd(MapTransform):
     replaced. After every case ``<output_dir>/volumes.csv`` is rewritten (atomically) with the rows of this run and
     those of earlier runs whose label maps are still there, so a crashed run's outputs stay replaceable.
 
+    Each row also records the left/right kidney volumes (``task="kits"``: connected components, side from the
+    affine), a ``flag`` (``implausible``) with its ``reason`` when the organ or tumor volume lies outside its mL range
+    or no organ was found (also a warning in the log), the model's provenance (``provenance``: role, checkpoint
+    sha256, training run, plan, version, commit, date) and the sha256 of the written file: a later run into the same
+    folder replaces the file only while its content still has that hash (:func:`modified_output`). The NIfTI
+    header's ``descrip`` names the model.
+
     Args:
         keys: the prediction key (``"pred"``).
         output_dir: destination folder.
@@ -323,6 +405,10 @@ class WriteLabelMapd(MapTransform):
         seg_writer: writes the DICOM-SEG (``pipelines.engine.dicom_seg.DicomSegWriter``); required unless ``nifti``.
         label_names: label value -> name: a 3D Slicer color table ``<case>.ctbl`` is written beside each NIfTI label
             map (``pipelines.engine.labels``); None writes none.
+        provenance: ``pipelines.engine.safeguards.model_provenance`` of the model (None: those columns stay empty).
+        task: ``"kits"`` (per-kidney volumes) or ``"lits"``; picks the default mL ranges.
+        organ_ml_range: plausible organ volume ``[low, high]`` mL (None: the task's default).
+        tumor_ml_range: plausible tumor volume ``[low, high]`` mL (None: the task's default).
     """
 
     def __init__(
@@ -335,6 +421,10 @@ class WriteLabelMapd(MapTransform):
         output_format: str = "nifti",
         seg_writer: Any = None,
         label_names: Mapping[int, str] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        task: str = "kits",
+        organ_ml_range: Sequence[float] | None = None,
+        tumor_ml_range: Sequence[float] | None = None,
     ) -> None:
         from pipelines.engine.dicom_seg import check_output_format
 
@@ -346,6 +436,10 @@ class WriteLabelMapd(MapTransform):
         self.output_dir = Path(output_dir)
         self.image_key = image_key
         self.organ_label, self.tumor_label = int(organ_label), int(tumor_label)
+        self.provenance = {k: str((provenance or {}).get(k, "")) for k in PROVENANCE_COLUMNS}
+        self.task = str(task)
+        self.ranges = {"organ_ml_range": organ_ml_range, "tumor_ml_range": tumor_ml_range}
+        result_flags(1.0, 0.0, task=self.task, **self.ranges)  # a malformed range fails here, before any inference
         self.rows: list[list[Any]] = []
         # read before this run writes anything: the label maps earlier runs wrote into this folder
         self.previous = previous_outputs(self.output_dir)
@@ -389,11 +483,16 @@ class WriteLabelMapd(MapTransform):
                         f"refusing to overwrite {path}: it exists and no inference into {self.output_dir} wrote it "
                         f"(not in its {VOLUMES_CSV}); choose an empty output folder."
                     )
+            modified = modified_output(target, written.get(target.name) or self.previous.get(target.name) or [])
+            if modified:
+                raise ValueError(modified)
             written_to = target
             if self.output_format != "dicom-seg":
                 img = nib.Nifti1Image(arr, affine)
                 img.header.set_data_dtype(np.uint8)
                 img.header.set_xyzt_units("mm")
+                role, sha = self.provenance["model_role"], self.provenance["checkpoint_sha256"]
+                img.header["descrip"] = (f"ctdistill {role or 'model'} {sha[:16]}".strip())[:79].encode()
                 atomic_write(target, lambda tmp, img=img: nib.save(img, str(tmp)))
                 if self.label_names:
                     from pipelines.engine.labels import write_color_table
@@ -402,19 +501,40 @@ class WriteLabelMapd(MapTransform):
             if self.seg_writer is not None and self.output_format != "nifti":
                 seg = self.seg_writer(arr, affine, target, dicom_dir=d.get("dicom_dir"))
                 written_to = target if self.output_format == "both" else seg
+            from pipelines.engine.tracking import file_sha256
+
             vox = voxel_volume_ml(affine)
             organ = float((arr == self.organ_label).sum()) * vox
             tumor = float((arr == self.tumor_label).sum()) * vox
+            sides = kidney_sides(arr, affine, (self.organ_label, self.tumor_label)) if self.task == "kits" else {}
+            reasons = result_flags(organ, tumor, task=self.task, **self.ranges)
+            if reasons:
+                logger.warning("%s: implausible result (%s); check the input and the model before using it", written_to, "; ".join(reasons))
             self.rows = [r for r in self.rows if Path(str(r[-1])).name != Path(written_to).name]
             meanings = ";".join(f"{v}={n}" for v, n in sorted((self.label_names or {}).items()))
-            self.rows.append([case_id(src), organ, tumor, organ + tumor, meanings, str(written_to)])
+            self.rows.append(
+                [
+                    prediction_case(src),
+                    organ,
+                    tumor,
+                    organ + tumor,
+                    meanings,
+                    sides.get("left_ml", ""),
+                    sides.get("right_ml", ""),
+                    "implausible" if reasons else "",
+                    "; ".join(reasons),
+                    *(self.provenance[k] for k in PROVENANCE_COLUMNS),
+                    file_sha256(written_to),
+                    str(written_to),
+                ]
+            )
             write_csv_atomic(self.output_dir / VOLUMES_CSV, VOLUME_COLUMNS, self.all_rows())
             logger.info("wrote %s (organ %.1f mL, tumor %.1f mL)", target, organ, tumor)
         return d
 
 
 class VolumesCsvWriter:
-    """At the end of inference, write ``volumes.csv`` (``case, organ_ml, tumor_ml, organ_and_tumor_ml, labels, output``).
+    """At the end of inference, write ``volumes.csv`` (:data:`VOLUME_COLUMNS`).
 
     Args:
         writer: the :class:`WriteLabelMapd` of the postprocessing chain (its recorded rows are written, with the

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from monai.data import MetaTensor
-from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
+from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer, sliding_window_inference
 from monai.utils import convert_to_dst_type
 
 from transforms.stack import check_num_slices
@@ -54,9 +54,15 @@ class SliceBatchInferer(Inferer):
     Output: ``(B, classes, H', W', D)`` (``H', W'`` as the network returns them), a ``MetaTensor`` carrying the
     input's meta when the input is one (as ``SliceInferer``).
 
+    Slices larger than ``roi_size`` (a preprocessing plan pads to the network input but never shrinks a larger field
+    of view) are predicted with an in-plane sliding window of ``roi_size`` (Gaussian-weighted, ``overlap``); slices
+    that fit go through the network whole, as before.
+
     Args:
         sw_batch_size: slices per network call (>= 1).
         num_slices: k for unstacked single-channel input (None or 1: the input channels are the network's).
+        roi_size: in-plane network input (h, w); None: whole slices always.
+        overlap: in-plane sliding-window overlap.
 
     Raises:
         ValueError: ``sw_batch_size < 1`` or a bad ``num_slices`` (construction); input that is not 5D or empty, or
@@ -64,12 +70,18 @@ class SliceBatchInferer(Inferer):
         TypeError: a network output that is not a tensor (call).
     """
 
-    def __init__(self, sw_batch_size: int = 16, num_slices: int | None = None) -> None:
+    def __init__(
+        self, sw_batch_size: int = 16, num_slices: int | None = None, roi_size: Sequence[int] | None = None, overlap: float = 0.25
+    ) -> None:
         super().__init__()
         if int(sw_batch_size) < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}.")
+        if roi_size is not None and (len(roi_size) != 2 or min(int(v) for v in roi_size) < 1):
+            raise ValueError(f"roi_size is the in-plane network input (h, w), got {tuple(roi_size)!r}.")
         self.sw_batch_size = int(sw_batch_size)
         self.num_slices = None if num_slices is None else check_num_slices(num_slices)
+        self.roi_size = None if roi_size is None else (int(roi_size[0]), int(roi_size[1]))
+        self.overlap = float(overlap)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Predict every slice of ``inputs`` (see the class); extra arguments go to the network."""
@@ -86,6 +98,7 @@ class SliceBatchInferer(Inferer):
                 "(already stacked input: num_slices=None)."
             )
         slabs = slab_indices(depth, self.num_slices, x.device) if gather else None
+        windowed = self.roi_size is not None and (x.shape[2] > self.roi_size[0] or x.shape[3] > self.roi_size[1])
         flat = torch.arange(b * depth, device=x.device)
         out: torch.Tensor | None = None
         for chunk in flat.split(self.sw_batch_size):
@@ -95,7 +108,12 @@ class SliceBatchInferer(Inferer):
                 batch = x[vol[:, None], 0, :, :, slabs[z]]
             else:
                 batch = x[vol, :, :, :, z]  # (n, C, H, W)
-            pred = network(batch, *args, **kwargs)
+            if windowed:
+                pred = sliding_window_inference(
+                    batch, self.roi_size, self.sw_batch_size, lambda t: network(t, *args, **kwargs), self.overlap, mode="gaussian"
+                )
+            else:
+                pred = network(batch, *args, **kwargs)
             if not isinstance(pred, torch.Tensor):
                 raise TypeError(
                     f"SliceBatchInferer needs a network returning one tensor (eval mode), got {type(pred).__name__}."
@@ -107,14 +125,22 @@ class SliceBatchInferer(Inferer):
         return convert_to_dst_type(out, inputs, dtype=out.dtype)[0] if isinstance(inputs, MetaTensor) else out
 
 
-def make_inferer(spatial_dims: int, roi_size: Sequence[int] | None = None, sw_batch_size: int = 8, overlap: float = 0.25) -> Inferer:
+def make_inferer(
+    spatial_dims: int,
+    roi_size: Sequence[int] | None = None,
+    sw_batch_size: int = 8,
+    overlap: float = 0.25,
+    in_plane_size: Sequence[int] | None = None,
+) -> Inferer:
     """Whole-volume inferer: 2.5D :class:`SliceBatchInferer` over the last (axial) axis, or 3D ``SlidingWindowInferer``.
 
     Args:
         spatial_dims: 2 (the network sees (k, H, W) slices; every slice of the volume is predicted) or 3.
-        roi_size: 3D window (h, w, d); ignored in 2.5D (whole slices).
+        roi_size: 3D window (h, w, d); ignored in 2.5D.
         sw_batch_size: slices / windows per forward.
-        overlap: 3D window overlap.
+        overlap: window overlap (3D, and the 2.5D in-plane window).
+        in_plane_size: 2.5D network input (h, w) (the preprocessing's ``in_plane_size``): larger slices are
+            predicted with an in-plane sliding window; None: whole slices. Ignored in 3D.
 
     Returns:
         the inferer; input (B, C, H, W, D) -> logits (B, classes, H, W, D).
@@ -123,7 +149,7 @@ def make_inferer(spatial_dims: int, roi_size: Sequence[int] | None = None, sw_ba
         ValueError: spatial_dims not 2 or 3.
     """
     if spatial_dims == 2:
-        return SliceBatchInferer(sw_batch_size=sw_batch_size)
+        return SliceBatchInferer(sw_batch_size=sw_batch_size, roi_size=in_plane_size, overlap=overlap)
     if spatial_dims == 3:
         if roi_size is None or len(roi_size) != 3:
             raise ValueError(f"3D inference needs roi_size (h, w, d), got {roi_size!r}.")

@@ -232,3 +232,30 @@ def test_clear_errors_name_the_folder(tmp_path, capsys):
         make_splits([{"image": "a", "label": None, "case": "a", "labelled": False}])
     with pytest.raises(ValueError, match="preset"):
         make_splits([], preset="brats")
+
+
+def test_nnunet_splits_final_is_read_as_the_split(tmp_path):
+    """An nnU-Net raw dataset folder with splits_final.json: fold 0's train/val cases become training/validation."""
+    import json as _json
+
+    import nibabel as _nib
+    import numpy as _np
+
+    from pipelines.datalist import build_datalist
+
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    for case in ("kid_001", "kid_002", "kid_003", "kid_004"):
+        _nib.save(_nib.Nifti1Image(_np.zeros((4, 4, 4), _np.int16), _np.eye(4)), str(tmp_path / "imagesTr" / f"{case}_0000.nii.gz"))
+        _nib.save(_nib.Nifti1Image(_np.zeros((4, 4, 4), _np.uint8), _np.eye(4)), str(tmp_path / "labelsTr" / f"{case}.nii.gz"))
+    (tmp_path / "dataset.json").write_text(_json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "kidney": 1, "tumor": 2}, "file_ending": ".nii.gz"}))
+    folds = [{"train": ["kid_001", "kid_003", "kid_004"], "val": ["kid_002"]}, {"train": ["kid_002"], "val": ["kid_001"]}]
+    (tmp_path / "splits_final.json").write_text(_json.dumps(folds))
+    result = build_datalist(tmp_path, seed=0, preset="kits19")
+    assert [e["case"] for e in result["training"]] == ["kid_001", "kid_003", "kid_004"]
+    assert [e["case"] for e in result["validation"]] == ["kid_002"] and result["test"] == []
+    assert result["validation"][0]["label"].endswith("labelsTr/kid_002.nii.gz")
+    assert [e["case"] for e in build_datalist(tmp_path, fold=1)["training"]] == ["kid_002"]
+    (tmp_path / "splits_final.json").write_text(_json.dumps([{"train": ["kid_009"], "val": []}]))
+    with pytest.raises(ValueError, match="kid_009"):
+        build_datalist(tmp_path)

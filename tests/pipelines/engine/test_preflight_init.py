@@ -92,7 +92,8 @@ def test_bundle_knob_reaches_the_network(tmp_path):
     torch.save({"model": src.state_dict()}, path)
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / "unetpp_teacher" / "configs" / "train.yaml"))
-    parser.update({"init_checkpoint": str(path), "network_kwargs": dict(TINY), "device": "$torch.device('cpu')"})
+    # no dataset here: the preprocessing plan (derived from the training split) is left out
+    parser.update({"init_checkpoint": str(path), "network_kwargs": dict(TINY), "device": "$torch.device('cpu')", "preprocessing_plan": None})
     net = parser.get_parsed_content("network_def")
     assert all(torch.equal(net.state_dict()[k], v) for k, v in src.state_dict().items())
     assert parser.get_parsed_content("settings")["init_checkpoint"] == str(path)
