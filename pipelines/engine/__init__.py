@@ -7,6 +7,7 @@ The bundles write ``$import pipelines.engine`` once and reference ``pipelines.en
 - ``output``: a training run's output folder (lock, resume/overwrite guard)
 - ``splits``: which split JSON a run reads, its sections, loader batch size
 - ``preflight``: the checks before long work (dataset, teacher checkpoint, disk, MLflow store)
+- ``config_values``: user strings into bundle configs as data, never as MONAI expressions/references/macros
 - ``errors``: ``BundleInputError`` and the knob parsers ``as_bool`` / ``optional_knob``
 - ``inferers``, ``metrics`` (per-volume metrics, CSV reports, metric handlers), ``handlers`` (ignite handlers),
   ``optim`` (lr schedule, gradient clipping), ``curves`` (validation history), ``pictures`` (case overlays,
@@ -24,6 +25,7 @@ import importlib
 from pipelines.engine.atomic import *  # noqa: F403
 from pipelines.engine.case_dataset import *  # noqa: F403
 from pipelines.engine.checkpoint import *  # noqa: F403
+from pipelines.engine.config_values import *  # noqa: F403
 from pipelines.engine.curves import *  # noqa: F403
 from pipelines.engine.data import *  # noqa: F403
 from pipelines.engine.errors import *  # noqa: F403
@@ -42,5 +44,5 @@ from pipelines.engine.splits import *  # noqa: F403
 from pipelines.engine.tracking import *  # noqa: F403
 
 #: the modules re-exported here (one concern each; the public API is the union of their ``__all__``)
-_MODULES = ("atomic", "case_dataset", "checkpoint", "curves", "data", "errors", "handlers", "inference", "inferers", "knobs", "metrics", "optim", "output", "pictures", "polyp", "preflight", "progress", "splits", "tracking")
+_MODULES = ("atomic", "case_dataset", "checkpoint", "config_values", "curves", "data", "errors", "handlers", "inference", "inferers", "knobs", "metrics", "optim", "output", "pictures", "polyp", "preflight", "progress", "splits", "tracking")
 __all__ = [name for module in _MODULES for name in importlib.import_module(f"pipelines.engine.{module}").__all__]

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from pipelines.engine.config_values import refuse_config_syntax
+
 __all__ = ["MONAI_RUN_ARGS", "role_knobs", "check_cli", "project_error", "report_project_error", "install_excepthook"]
 
 logger = logging.getLogger(__name__)
@@ -177,7 +179,8 @@ def check_cli(argv: Sequence[str] | None = None) -> bool:
 
     Raises:
         SystemExit: ``--help``/``-h`` (exit 0 after printing the role's knobs).
-        ValueError: an unknown knob, naming it, the closest valid knobs and where the valid ones are listed.
+        ValueError: an unknown knob, naming it, the closest valid knobs and where the valid ones are listed; a path
+            knob whose value MONAI reads as an expression, reference or macro (``--dataset_dir @kits``).
     """
     from_cli = argv is None
     argv = list(sys.argv if argv is None else argv)
@@ -200,6 +203,8 @@ def check_cli(argv: Sequence[str] | None = None) -> bool:
                 print(f"  --{k:<{width}}  {value.strip():<16} {comment.strip()}".rstrip())
         print("other top-level sections can be replaced too (see bundles/README.md).")
         sys.exit(0)
+    for k in keys:  # MONAI has parsed these already: a path that reads as config syntax cannot be escaped, only refused
+        refuse_config_syntax(k, values.get(k))
     unknown = [k for k in keys if k not in MONAI_RUN_ARGS and k.split("#")[0] not in knobs]
     if unknown:
         bad = unknown[0]
