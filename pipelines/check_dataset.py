@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from pipelines.datalist import SPLITS, UNLABELLED, find_cases, read_declared_labels
+from pipelines.engine.splits import entry_path
 
 __all__ = [
     "SEVERITIES",
@@ -105,8 +106,7 @@ def _entries_from_json(path: Path) -> tuple[list[_Case], dict[str, Any] | None]:
     cases: list[_Case] = []
 
     def resolve(value: Any) -> Path:
-        p = Path(str(value).removeprefix("./"))
-        return p if p.is_absolute() else path.parent / p
+        return Path(entry_path(value, path))
 
     for split in (*SPLITS, UNLABELLED):
         for index, entry in enumerate(data.get(split) or []):

@@ -277,10 +277,12 @@ def preflight(
             check_tracking_uri(str(tracking_uri))
         except ValueError as e:
             raise BundleInputError(str(e)) from e
+    from pipelines.engine.splits import split_entries
+
     entries: list[dict] = []
     data = json.loads(Path(splits_file).read_text())
     for s in sections:
-        entries.extend(data.get(s) or [])
+        entries.extend(split_entries(splits_file, s))  # paths relative to the JSON's folder, never the cwd
     if not entries:
         raise BundleInputError(f"{splits_file} lists no cases in {list(sections)}; check --dataset_dir.")
     world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
