@@ -54,6 +54,8 @@ DEFAULT_LABELS: tuple[int, ...] = (0, 1, 2)
 CT_MIN_BELOW = -500.0
 #: A CT volume holds bone or contrast above this (HU).
 CT_MAX_ABOVE = 200.0
+#: |HU| beyond this is no CT value at all (a 16-bit extended scale ends near 30000): corrupt or mis-scaled voxels
+CT_ABSURD_HU = 1.0e5
 _AFFINE_TOL = 1e-3
 #: voxel spacings (mm) outside this range are implausible for CT, e.g. a header in metres (WARNING); wide on purpose:
 #: small synthetic cohorts have 6-13 mm voxels
@@ -163,6 +165,13 @@ def _load(path: Path, what: str, problems: list[Problem]) -> nib.spatialimages.S
         problems.append(Problem("error", str(path), f"{what} cannot be read ({type(err).__name__}: {err})"))
         return None
     shape = image.shape
+    dtype = image.get_data_dtype() if hasattr(image, "get_data_dtype") else None
+    if dtype is not None and (dtype.fields is not None or not np.issubdtype(dtype, np.number)):
+        problems.append(
+            Problem("error", str(path), f"{what} is not one scalar value per voxel (NIfTI dtype {dtype}: RGB/colour?); "
+                    "give a grayscale volume")
+        )  # fmt: skip
+        return None
     if len(shape) < 3 or any(int(s) != 1 for s in shape[3:]):
         problems.append(Problem("error", str(path), f"{what} is not a 3D volume (shape {tuple(shape)})"))
         return None
@@ -287,6 +296,17 @@ def _check_image(path: Path, data: np.ndarray, problems: list[Problem]) -> None:
                 return
             data = data[finite]
     lo, hi = float(data.min()), float(data.max())
+    if max(abs(lo), abs(hi)) > CT_ABSURD_HU:
+        n_absurd = int(np.count_nonzero(np.abs(data) > CT_ABSURD_HU))
+        problems.append(
+            Problem(
+                "error",
+                str(path),
+                f"image has {n_absurd} voxel(s) beyond +-{CT_ABSURD_HU:g} HU (range {lo:g}..{hi:g}): no CT holds such "
+                "values (corrupt or mis-scaled voxels); re-export the volume",
+            )
+        )
+        return
     if lo >= CT_MIN_BELOW:
         problems.append(
             Problem(

@@ -69,11 +69,10 @@ _NNUNET_IMAGE = re.compile(r"^(.+)_0000" + _NII)
 
 
 def _nii_in(folder: Path, stem: str) -> Path | None:
-    for suffix in (".nii.gz", ".nii"):
-        candidate = folder / f"{stem}{suffix}"
-        if candidate.exists():
-            return candidate
-    return None
+    found = [folder / f"{stem}{suffix}" for suffix in (".nii.gz", ".nii") if (folder / f"{stem}{suffix}").exists()]
+    if len(found) > 1:  # which one is the case? never pick one silently
+        raise ValueError(f"{folder} holds both {found[0].name} and {found[1].name}; keep one (remove or rename the other)")
+    return found[0] if found else None
 
 
 def detect_layout(source: str | Path) -> str:

@@ -5,8 +5,9 @@ Every value is computed per *case* (one whole volume, all slices) and kept per c
 
 Conventions (HLFD, ISBI 2024, Sec. 3: DSC and RVD on the tumor and on organ+tumor):
 
-- ``dsc = 2 |P & G| / (|P| + |G|)``; empty ground truth and empty prediction give 1, empty ground truth with a
-  prediction gives 0.
+- ``dsc = 2 |P & G| / (|P| + |G|)``; empty ground truth and empty prediction is UNDEFINED (NaN, excluded from the
+  means and counted as ``n_undefined``, said in the log): a case without tumor never scores a "perfect" 1.0, so a
+  validation set without tumor cannot select a checkpoint (issue 19). Empty ground truth with a prediction gives 0.
 - ``rvd = (V_pred - V_gt) / V_gt`` (signed); undefined (NaN) when the ground truth is empty. NaN values are
   excluded from every mean and counted in the summary (column ``n`` holds the defined values).
 - regions: ``tumor`` is ``label == tumor_label``; ``organ`` is organ+tumor, ``label in organ_labels``.
@@ -59,20 +60,21 @@ KINDS = ("dsc", "rvd", "abs_rvd", "ml_pred", "ml_gt")
 CASE_COLUMNS = ("case", "dsc_tumor", "rvd_tumor", "dsc_organ", "rvd_organ", "tumor_ml_pred", "tumor_ml_gt")
 
 
-def dsc(pred: torch.Tensor, gt: torch.Tensor) -> float:
-    """Dice similarity coefficient of two boolean masks of any shape; empty vs empty is 1.
+def dsc(pred: torch.Tensor, gt: torch.Tensor, empty: float = 1.0) -> float:
+    """Dice similarity coefficient of two boolean masks of any shape.
 
     Args:
         pred: boolean (or 0/1) mask.
         gt: boolean (or 0/1) mask of the same shape.
+        empty: the value for empty vs empty (0/0): 1 by the usual convention; ``RegionMetric`` passes NaN (undefined).
 
     Returns:
-        the DSC in [0, 1].
+        the DSC in [0, 1] (``empty`` when both masks are empty).
     """
     p, g = pred.bool(), gt.bool()
     denom = int(p.sum()) + int(g.sum())
     if denom == 0:
-        return 1.0
+        return float(empty)
     return 2.0 * int((p & g).sum()) / denom
 
 
@@ -162,7 +164,7 @@ class RegionMetric(CumulativeIterationMetric):
         for b in range(p.shape[0]):
             vp, vg = float(p[b].sum()) * vox, float(g[b].sum()) * vox
             if self.kind == "dsc":
-                value = dsc(p[b], g[b])
+                value = dsc(p[b], g[b], empty=math.nan)  # no region in either: undefined, never a perfect 1.0
             elif self.kind in ("rvd", "abs_rvd"):
                 value = rvd(vp, vg)
                 value = abs(value) if self.kind == "abs_rvd" else value
@@ -350,7 +352,10 @@ class CaseMetricsSaver(MetricsSaver):
         )
         undefined = {c: int(np.isnan(v).sum()) for c, v in cols.items() if np.isnan(v).any()}
         if undefined:
-            logger.info("undefined values (empty ground truth), excluded from means: %s", undefined)
+            logger.info(
+                "undefined values (RVD: empty ground truth; DSC: empty ground truth and empty prediction), excluded "
+                "from means: %s", undefined,
+            )  # fmt: skip
 
 
 def case_id(filename: str) -> str:

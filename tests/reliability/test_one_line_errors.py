@@ -19,3 +19,20 @@ def test_dicom_pixel_spacing_zero_is_one_line_naming_the_series(tmp_path, capsys
     assert "PixelSpacing" in text and "series6_" in text and "Traceback" not in text and "LinAlgError" not in text
     assert not list(tmp_path.glob("out/*.nii.gz"))
     assert snapshot(src) == before
+
+
+def test_rgb_nifti_is_a_clear_error_in_check_dataset(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from pipelines.check_dataset import main as check_main
+
+    case = tmp_path / "kits" / "case_00000"
+    case.mkdir(parents=True)
+    rgb = np.zeros((16, 16, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(case / "imaging.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.uint8), np.eye(4)), str(case / "segmentation.nii.gz"))
+    assert check_main([str(tmp_path / "kits")]) == 1
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.err and "UFunc" not in printed.out + printed.err
+    assert any(line.startswith("ERROR") and "RGB" in line and "imaging.nii.gz" in line for line in printed.out.splitlines())
