@@ -1228,6 +1228,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as e:
         p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pipelines.engine.knobs import install_excepthook
+
+    install_excepthook()  # a project error (bad data: a NaN voxel) is its message, not a traceback (CTDISTILL_TRACEBACK=1)
     t0 = time.perf_counter()
     run_experiment(cfg)
     out = Path(cfg.out).resolve()

@@ -29,7 +29,7 @@ from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
 from pipelines.engine.atomic import TMP_MARKER, atomic_write
-from pipelines.engine.metrics import case_id, voxel_volume_ml, write_csv_atomic
+from pipelines.engine.metrics import case_id, unique_case_ids, voxel_volume_ml, write_csv_atomic
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -72,9 +72,10 @@ def _looks_dicom(p: Path) -> bool:
         return False
 
 
-def output_path(output_dir: str | os.PathLike, image: str | os.PathLike) -> Path:
-    """Where the label map of ``image`` goes: ``<output_dir>/<case>.nii.gz`` (KiTS ``case_X/imaging`` -> ``case_X``)."""
-    return Path(output_dir) / f"{case_id(str(image))}.nii.gz"
+def output_path(output_dir: str | os.PathLike, image: str | os.PathLike, case: str | None = None) -> Path:
+    """Where the label map of ``image`` goes: ``<output_dir>/<case>.nii.gz`` (KiTS ``case_X/imaging`` -> ``case_X``;
+    ``case`` given: that id, e.g. from ``unique_case_ids``)."""
+    return Path(output_dir) / f"{case or case_id(str(image))}.nii.gz"
 
 
 def is_label_file(path: str | os.PathLike) -> bool:
@@ -304,10 +305,13 @@ class WriteLabelMapd(MapTransform):
         image_key: key whose metadata names the input file.
         organ_label: organ label value.
         tumor_label: tumor label value.
+        images: every input file of the run (optional): ids made unique by ``unique_case_ids``.
     """
 
-    def __init__(self, keys: str | Sequence[str] = "pred", output_dir: str = ".", image_key: str = "image", organ_label: int = 1, tumor_label: int = 2) -> None:
+    def __init__(self, keys: str | Sequence[str] = "pred", output_dir: str = ".", image_key: str = "image", organ_label: int = 1, tumor_label: int = 2, images: Sequence[str] | None = None) -> None:
         super().__init__(keys)
+        # every input of the run, when known: files sharing a name (patXX/ct.nii.gz) get distinct case ids
+        self.case_ids = unique_case_ids(list(images)) if images else {}
         self.output_dir = Path(output_dir)
         self.image_key = image_key
         self.organ_label, self.tumor_label = int(organ_label), int(tumor_label)
@@ -336,7 +340,8 @@ class WriteLabelMapd(MapTransform):
             if arr.ndim == 4:
                 arr = arr[0]
             arr = np.rint(arr).astype(np.uint8)
-            target = output_path(self.output_dir, src)
+            case = self.case_ids.get(src) or case_id(src)
+            target = output_path(self.output_dir, src, case)
             if target.resolve() == Path(src).resolve():
                 raise ValueError(f"refusing to overwrite the input {src}.")
             written = {Path(str(r[-1])).name for r in self.rows}
@@ -353,7 +358,7 @@ class WriteLabelMapd(MapTransform):
             organ = float((arr == self.organ_label).sum()) * vox
             tumor = float((arr == self.tumor_label).sum()) * vox
             self.rows = [r for r in self.rows if Path(str(r[-1])).name != target.name]
-            self.rows.append([case_id(src), organ, tumor, organ + tumor, str(target)])
+            self.rows.append([case, organ, tumor, organ + tumor, str(target)])
             write_csv_atomic(self.output_dir / VOLUMES_CSV, VOLUME_COLUMNS, self.all_rows())
             logger.info("wrote %s (organ %.1f mL, tumor %.1f mL)", target, organ, tumor)
         return d

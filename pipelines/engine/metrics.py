@@ -47,6 +47,7 @@ __all__ = [
     "summarize_cases",
     "write_csv_atomic",
     "case_id",
+    "unique_case_ids",
     "CT_METRICS",
     "ct_metric_handlers",
     "polyp_metric_handlers",
@@ -342,7 +343,11 @@ class CaseMetricsSaver(MetricsSaver):
             raise ValueError(f"metric details {missing} are missing; attach their IgniteMetricHandler with save_details=True.")
         cols = {c: torch.as_tensor(details[c]).reshape(-1).double().cpu().numpy() for c in self.columns}
         n = len(next(iter(cols.values())))
-        cases = [self._case(s) for s in names] if len(names) == n else [str(i) for i in range(n)]
+        if len(names) == n:
+            ids = unique_case_ids(names) if self.case_name == "stem" else {s: s for s in names}
+            cases = [ids[s] for s in names]
+        else:
+            cases = [str(i) for i in range(n)]
         rows = [[cases[i], *[cols[c][i] for c in self.columns]] for i in range(n)]
         self.last_cases = write_csv_atomic(Path(self.save_dir) / f"{self.prefix}cases.csv", ["case", *self.columns], rows)
         self.last_summary = write_csv_atomic(
@@ -369,6 +374,31 @@ def case_id(filename: str) -> str:
     if name in ("imaging", "image", "img") and p.parent.name:
         return p.parent.name
     return name
+
+
+def unique_case_ids(filenames: Sequence[str]) -> dict[str, str]:
+    """:func:`case_id` of every file, made unique: files whose ids collide (``pat01/ct.nii.gz``, ``pat02/ct.nii.gz``)
+    get their parent folders prefixed (``pat01_ct``, ``pat02_ct``), as many levels as it takes.
+
+    Args:
+        filenames: the image paths of one evaluation/inference run.
+
+    Returns:
+        ``{filename: case id}``; distinct files never share an id (no row or prediction file is overwritten).
+    """
+    unique = list(dict.fromkeys(str(f) for f in filenames))
+    ids = {f: case_id(f) for f in unique}
+    for level in range(1, 64):
+        counts: dict[str, int] = {}
+        for v in ids.values():
+            counts[v] = counts.get(v, 0) + 1
+        clash = [f for f in unique if counts[ids[f]] > 1]
+        if not clash:
+            break
+        for f in clash:
+            parents = Path(f).parent.parts[-level:]
+            ids[f] = "_".join([*parents, case_id(f)]) if parents else f
+    return ids
 
 
 #: metric handler name -> (RegionMetric kind, region); the first is the key metric (best checkpoint)

@@ -23,6 +23,7 @@ __all__ = [
     "run_check_dataset",
     "check_free_disk",
     "check_teacher_checkpoint",
+    "check_checkpoint_role",
     "kd_weights",
 ]
 
@@ -101,7 +102,8 @@ def check_teacher_checkpoint(
     if method and method != "none":
         import distill
         import networks
-        from distill.plan import check_trained_heads
+        from distill.plan import _default_names as default_tap_names
+        from distill.plan import check_trained_heads, network_taps
 
         # which heads were trained follows from the architecture the checkpoint records (deep_supervision), so the
         # network is built from the kwargs already read, not loaded from the file a third time
@@ -113,7 +115,16 @@ def check_teacher_checkpoint(
             )
         try:
             teacher = networks.create(name, **{k: v for k, v in net_kwargs.items() if k != "name"})
-            check_trained_heads(teacher, distill.method_class(method).TEACHER_ROLES)
+            roles = distill.method_class(method).TEACHER_ROLES
+            taps = network_taps(teacher)
+            lacking = [r for r, spec in roles.items() if not default_tap_names(taps, spec.groups)]
+            if lacking:  # e.g. a student's best.pt given as --teacher_ckpt
+                raise ValueError(
+                    f"its network {name} has no {'/'.join(roles[lacking[0]].groups)} outputs for the {method} "
+                    f"teacher role {lacking[0]!r}: is it a student's checkpoint? Pass a teacher's best.pt "
+                    "(bundles/unetpp_teacher)"
+                )
+            check_trained_heads(teacher, roles)
         except ValueError as e:
             raise BundleInputError(f"teacher checkpoint {p}: {e}") from e
     return True
@@ -228,6 +239,46 @@ def check_free_disk(output_dir: str | os.PathLike, network: torch.nn.Module | No
     return need
 
 
+def check_checkpoint_role(role: str, settings: Mapping[str, Any], checkpoint: str | os.PathLike) -> bool:
+    """Evaluation: the checkpoint must come from this bundle's role (else its run is tracked under the wrong role).
+
+    Args:
+        role: the evaluating bundle's ``role``.
+        settings: the checkpoint's ``settings`` (``role``, ``network_name``; a checkpoint without them is accepted).
+        checkpoint: its path (named in the message).
+
+    Returns:
+        True (so it can sit in a bundle's expression list).
+
+    Raises:
+        BundleInputError: naming both roles, the network and the config to use instead.
+    """
+    trained = str((settings or {}).get("role") or "")
+    if trained and trained != str(role):
+        raise BundleInputError(
+            f"{checkpoint} was trained by the {trained} bundle (network {settings.get('network_name', '?')}), not by "
+            f"{role}: evaluate it with bundles/{trained}/configs/evaluate.yaml (the results would be tracked as {role})."
+        )
+    return True
+
+
+def _check_parent_run(tracking_uri: str, run_id: str) -> None:
+    """``--run_tags mlflow.parentRunId``: the parent must be a run of this store (else the run nests nowhere)."""
+    missing = BundleInputError(
+        f"--run_tags mlflow.parentRunId {run_id!r} is not a run of the MLflow store {tracking_uri}; give the id of an "
+        "existing run (mlflow ui lists them) or drop the tag."
+    )
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///") :]).is_file():
+        raise missing  # a store that does not exist yet holds no run (and is not created just to look)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except MlflowException as e:
+        raise missing from e
+
+
 def preflight(
     splits_file: str,
     *,
@@ -241,6 +292,7 @@ def preflight(
     tracking_uri: str | None = None,
     output_dir: str | os.PathLike | None = None,
     network: torch.nn.Module | None = None,
+    run_tags: Mapping[str, Any] | None = None,
 ) -> bool:
     """Every check that must pass before a bundle starts long work.
 
@@ -259,6 +311,7 @@ def preflight(
         output_dir: the training output folder: its disk must hold the run's checkpoints (:func:`check_free_disk`);
             None skips the check.
         network: the network to be trained (the checkpoint size of the disk check).
+        run_tags: the ``--run_tags``: a ``mlflow.parentRunId`` must name a run of the store (``tracking_uri``).
 
     Returns:
         True (so it can sit in a bundle's expression list).
@@ -277,6 +330,9 @@ def preflight(
             check_tracking_uri(str(tracking_uri))
         except ValueError as e:
             raise BundleInputError(str(e)) from e
+        parent = str(dict(run_tags or {}).get("mlflow.parentRunId") or "")
+        if parent:
+            _check_parent_run(str(tracking_uri), parent)
     from pipelines.engine.splits import split_entries
 
     entries: list[dict] = []

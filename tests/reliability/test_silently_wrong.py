@@ -151,3 +151,52 @@ def test_check_dataset_flags_1e30_voxels(tmp_path, capsys):
     assert check_main([str(tmp_path / "kits")]) == 1
     errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ERROR")]
     assert any("1e+30" in line and "imaging.nii.gz" in line for line in errors), errors
+
+
+# ------------------------------------------------------------------------------------------------ case ids
+
+
+def test_evaluation_files_sharing_a_name_get_unique_case_ids_and_prediction_files(tmp_path):
+    """patXX/ct.nii.gz: three predictions, three distinct files and rows (never one overwriting the others)."""
+    from monai.data import MetaTensor
+
+    from pipelines.engine.inference import WriteLabelMapd
+    from pipelines.engine.metrics import unique_case_ids
+
+    images = [str(tmp_path / "data" / f"pat{i:02d}" / "ct.nii.gz") for i in range(3)]
+    ids = unique_case_ids(images)
+    assert sorted(ids.values()) == ["pat00_ct", "pat01_ct", "pat02_ct"]
+    assert unique_case_ids(["/d/case_00001/imaging.nii.gz", "/e/case_00002/imaging.nii.gz"]) == {
+        "/d/case_00001/imaging.nii.gz": "case_00001", "/e/case_00002/imaging.nii.gz": "case_00002"}  # fmt: skip
+    writer = WriteLabelMapd(keys="pred", output_dir=str(tmp_path / "pred"), images=images)
+    for i, src in enumerate(images):
+        pred = MetaTensor(torch.full((1, 4, 4, 2), i, dtype=torch.float32), affine=torch.eye(4))
+        writer({"pred": pred, "image": MetaTensor(torch.zeros(1, 4, 4, 2), meta={"filename_or_obj": src})})
+    written = sorted(p.name for p in (tmp_path / "pred").glob("*.nii.gz"))
+    assert written == ["pat00_ct.nii.gz", "pat01_ct.nii.gz", "pat02_ct.nii.gz"]
+    assert sorted(r[0] for r in writer.all_rows()) == ["pat00_ct", "pat01_ct", "pat02_ct"]
+
+
+# ------------------------------------------------------------------------------------------------ polyp
+
+
+def _png(path, array):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def test_polyp_mask_of_another_size_is_an_error_naming_both(tmp_path):
+    from pipelines.engine.polyp import polyp_transforms
+
+    image = _png(tmp_path / "a.png", np.full((40, 48, 3), 120, np.uint8))
+    mask = _png(tmp_path / "a_mask.png", np.zeros((30, 30), np.uint8))
+    with pytest.raises(Exception) as err:
+        polyp_transforms("train", 32)({"image": image, "label": mask})
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    found = [c for c in chain if isinstance(c, BundleInputError)]
+    assert found and "a_mask.png" in str(found[0]) and "a.png" in str(found[0]) and one_line(str(found[0]))
