@@ -262,6 +262,64 @@ def check_checkpoint_role(role: str, settings: Mapping[str, Any], checkpoint: st
     return True
 
 
+def _check_resume_fits(last: Path, network: torch.nn.Module) -> None:
+    """``--resume true``: the checkpoint's weights must load into this run's network (same architecture knobs)."""
+    from networks.weights import read_state_dict, state_mismatch
+
+    ckpt = load_torch_file(last, "the checkpoint to resume")
+    missing, unexpected, shapes = state_mismatch(network, read_state_dict(ckpt)[0] if isinstance(ckpt, Mapping) else {})
+    if missing or unexpected or shapes:
+        recorded = (ckpt.get("settings") or {}).get("network_kwargs") if isinstance(ckpt, Mapping) else None
+        first = (shapes or missing or unexpected)[0]
+        raise BundleInputError(
+            f"{last} does not fit this run's network ({len(shapes)} tensor(s) of another shape, {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, e.g. {first}): it was trained with --network_kwargs {recorded}; resume with "
+            "the same --network_kwargs (and --network_name), or start anew with --overwrite true."
+        )
+
+
+def _check_declared_labels(splits_file: str | os.PathLike, classes: int) -> None:
+    """The label values the dataset declares (``dataset.json``, recorded in the split's ``meta.labels``) must be
+    classes the network predicts (0..classes-1): a value 3 with 3 output channels would fail mid-training."""
+    try:
+        meta = json.loads(Path(splits_file).read_text()).get("meta") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    if not isinstance(labels, Mapping):
+        return
+    beyond = {str(k): v for k, v in labels.items() if isinstance(v, int) and not 0 <= v < classes}
+    if beyond:
+        name, value = next(iter(beyond.items()))
+        raise BundleInputError(
+            f"the dataset declares label {name!r} = {value} (dataset.json, recorded in {splits_file}) but the network "
+            f"predicts {classes} classes (0..{classes - 1}); remap the labels to 0..{classes - 1} or set --out_channels "
+            f"{max(beyond.values()) + 1}."
+        )
+
+
+def _check_store_writable(tracking_uri: str) -> None:
+    """A local MLflow store (``sqlite:///<file>``, ``file:`` or a folder) must be writable: a read-only disk would
+    otherwise fail at the first logged metric with a raw OSError/sqlalchemy traceback."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite" and tracking_uri.startswith("sqlite:///"):
+        target = Path(tracking_uri[len("sqlite:///") :])
+    elif parsed.scheme in ("", "file"):
+        target = Path(parsed.path if parsed.scheme else tracking_uri)
+    else:
+        return
+    probe = target if target.exists() else target.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise BundleInputError(
+            f"the MLflow store {target} cannot be written ({probe} is read-only); pass a --tracking_uri on a writable "
+            "disk (e.g. sqlite:///<folder you can write>/mlruns.db)."
+        )
+
+
 def _check_parent_run(tracking_uri: str, run_id: str) -> None:
     """``--run_tags mlflow.parentRunId``: the parent must be a run of this store (else the run nests nowhere)."""
     missing = BundleInputError(
@@ -293,6 +351,7 @@ def preflight(
     output_dir: str | os.PathLike | None = None,
     network: torch.nn.Module | None = None,
     run_tags: Mapping[str, Any] | None = None,
+    resume_from: str | os.PathLike | None = None,
 ) -> bool:
     """Every check that must pass before a bundle starts long work.
 
@@ -312,6 +371,8 @@ def preflight(
             None skips the check.
         network: the network to be trained (the checkpoint size of the disk check).
         run_tags: the ``--run_tags``: a ``mlflow.parentRunId`` must name a run of the store (``tracking_uri``).
+        resume_from: the ``last.pt`` a ``--resume true`` run continues: its weights must fit ``network`` (the same
+            ``--network_kwargs``), checked here rather than as a size-mismatch traceback after caching.
 
     Returns:
         True (so it can sit in a bundle's expression list).
@@ -321,6 +382,10 @@ def preflight(
             section with fewer cases than DDP processes (DistributedSampler would fail mid-run).
     """
     in_plane_size, pixdim = optional_knob(in_plane_size), optional_knob(pixdim)
+    if resume_from and network is not None:
+        _check_resume_fits(Path(resume_from), network)
+    if network is not None and getattr(network, "out_channels", None):
+        _check_declared_labels(splits_file, int(network.out_channels))
     if output_dir is not None:
         check_free_disk(output_dir, network)
     if tracking_uri:
@@ -330,6 +395,7 @@ def preflight(
             check_tracking_uri(str(tracking_uri))
         except ValueError as e:
             raise BundleInputError(str(e)) from e
+        _check_store_writable(str(tracking_uri))
         parent = str(dict(run_tags or {}).get("mlflow.parentRunId") or "")
         if parent:
             _check_parent_run(str(tracking_uri), parent)

@@ -191,3 +191,44 @@ def test_experiment_with_a_nan_voxel_prints_the_error_not_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "ERROR: dataset integrity check failed" in proc.stderr and "NaN" in proc.stderr and str(image) in proc.stderr
     shutil.rmtree(tmp_path / "exp", ignore_errors=True)
+
+
+def test_resume_with_other_network_kwargs_is_one_line_before_long_work(tmp_path):
+    import torch
+
+    import networks
+    from pipelines.engine.preflight import _check_resume_fits
+
+    kwargs = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3}
+    last = tmp_path / "last.pt"
+    trained = networks.create("resnet18_student", base_width=8, **kwargs)
+    torch.save({"model": trained.state_dict(), "epoch": 1, "settings": {"network_kwargs": {"base_width": 8}}}, last)
+    _check_resume_fits(last, networks.create("resnet18_student", base_width=8, **kwargs))  # same network: fine
+    with pytest.raises(BundleInputError) as err:
+        _check_resume_fits(last, networks.create("resnet18_student", base_width=16, **kwargs))
+    assert str(last) in str(err.value) and "--network_kwargs {'base_width': 8}" in str(err.value) and one_line(str(err.value))
+
+
+def test_label_value_beyond_the_networks_classes_is_refused_in_preflight(tmp_path):
+    import json
+
+    import networks
+    from pipelines.engine import preflight
+
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"training": [], "validation": [], "test": [],
+                                  "meta": {"labels": {"background": 0, "kidney": 1, "tumor": 2, "cyst": 3}}}))  # fmt: skip
+    net = networks.create("resnet18_student", spatial_dims=2, in_channels=3, out_channels=3, base_width=8)
+    with pytest.raises(BundleInputError) as err:
+        preflight(str(splits), role="resnet18_student", network=net, check_integrity=False)
+    assert "'cyst' = 3" in str(err.value) and str(splits) in str(err.value) and one_line(str(err.value))
+
+
+def test_mlflow_store_on_a_read_only_disk_is_one_line(read_only_dir):
+    from pipelines.engine.preflight import _check_store_writable
+
+    uri = f"sqlite:///{read_only_dir / 'mlruns.db'}"
+    with pytest.raises(BundleInputError) as err:
+        _check_store_writable(uri)
+    assert "mlruns.db" in str(err.value) and "--tracking_uri" in str(err.value) and one_line(str(err.value))
+    _check_store_writable(f"sqlite:///{read_only_dir.parent / 'mlruns.db'}")  # a writable folder passes
