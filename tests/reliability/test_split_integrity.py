@@ -171,3 +171,21 @@ def test_splits_json_paths_are_relative_to_the_json_not_the_working_directory(tm
     assert entries == [{"image": str(ours / "case_00000/imaging.nii.gz"), "label": str(ours / "case_00000/segmentation.nii.gz")}]
     monkeypatch.chdir(tmp_path)  # no case_* here: the preflight used to say "do not exist"
     assert preflight(str(splits), role="resnet18_student", sections=("training", "validation"), cache_rate=0.0, check_integrity=False)
+
+
+def test_datalist_csv_header_with_spaces_is_read(tmp_path):
+    """``image, label`` (a space after the comma) names the label column (it was "needs an 'image' column"-like)."""
+    csv = _csv_cohort(tmp_path, ["train", "test", "val"], header="image, label, split")
+    out = tmp_path / "splits.json"
+    datalist_main([str(csv), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [len(result[s]) for s in ("training", "validation", "test")] == [1, 1, 1]
+    assert all(e.get("label") for s in ("training", "validation", "test") for e in result[s])
+
+
+def test_datalist_negative_seed_names_the_knob(tmp_path, capsys):
+    csv = _csv_cohort(tmp_path, ["", "", ""])
+    with pytest.raises(SystemExit):
+        datalist_main([str(csv), "--out", str(tmp_path / "s.json"), "--seed", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--seed must be >= 0" in err and "numpy" not in err.lower()
