@@ -98,9 +98,15 @@ def _resolve_split_path(
     d = Path(dataset_dir)
     if d.is_file() and d.suffix == ".json":
         return str(d)
-    if not d.is_dir():
+    csv_list = d.is_file() and d.suffix.lower() == ".csv"  # a datalist CSV (image,label[,split])
+    if d.is_file() and not csv_list:
+        raise BundleInputError(
+            f"dataset_dir {d} is a file, not a dataset: give the folder holding the CT volumes, a splits .json or a "
+            "datalist .csv."
+        )
+    if not d.is_dir() and not csv_list:
         raise BundleInputError(f"dataset_dir {d} does not exist; pass the folder holding the CT volumes and labels.")
-    if (d / "splits.json").is_file():
+    if not csv_list and (d / "splits.json").is_file():
         return str(d / "splits.json")
     from pipelines import datalist
 

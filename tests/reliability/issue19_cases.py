@@ -70,7 +70,7 @@ CASES: tuple[Case, ...] = (
     Case("R6", "raw traceback", "--network_kwargs \"{'foo': 1}\"", (f"{_KNOB}[network_kwargs_foo]", f"{_CLI}[network_kwargs-")),
     Case("R7", "raw traceback", "malformed --run_tags", (f"{_KNOB}[run_tags_set]", f"{_KNOB}[run_tags_text]")),
     Case("R8", "raw traceback", "an ftp:// tracking URI", (f"{_KNOB}[tracking_ftp]", f"{_CLI}[tracking_uri-")),
-    Case("R9", "raw traceback", "--dataset_dir pointing at a file: 'does not exist'", (f"{_OL}test_dataset_dir_that_is_a_file_says_so",)),
+    Case("R9", "raw traceback", "--dataset_dir pointing at a file: 'does not exist'", (f"{_OL}test_dataset_dir_that_is_a_file_says_so", f"{_OL}test_dataset_dir_file_in_resolve_splits_says_file_and_a_csv_is_read")),
     Case("R10", "raw traceback", "--teacher_ckpt of a student: 'no taps for role pred_mid', file not named", (f"{_OL}test_teacher_checkpoint_of_a_student_names_the_file",)),
     Case("R11", "raw traceback", "--batch_size 1 --samples_per_volume 1: BatchNorm error", (f"{_KNOB}[batch_norm_single_crop]",)),
     Case("R12", "raw traceback", "--resume with other --network_kwargs: state_dict size mismatch", (f"{_OL}test_resume_with_other_network_kwargs_is_one_line_before_long_work",)),

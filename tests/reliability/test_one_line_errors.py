@@ -3,6 +3,8 @@ before long work, with the inputs unchanged."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipelines.engine import BundleInputError
@@ -232,3 +234,22 @@ def test_mlflow_store_on_a_read_only_disk_is_one_line(read_only_dir):
         _check_store_writable(uri)
     assert "mlruns.db" in str(err.value) and "--tracking_uri" in str(err.value) and one_line(str(err.value))
     _check_store_writable(f"sqlite:///{read_only_dir.parent / 'mlruns.db'}")  # a writable folder passes
+
+
+def test_dataset_dir_file_in_resolve_splits_says_file_and_a_csv_is_read(tmp_path):
+    import numpy as np
+
+    from pipelines.engine import resolve_splits
+    from tests.reliability.conftest import write_nifti
+
+    f = tmp_path / "scan.nii.gz"
+    write_nifti(f, np.zeros((8, 8, 4), np.int16))
+    with pytest.raises(BundleInputError, match="is a file, not a dataset"):
+        resolve_splits(f, tmp_path / "run")
+    rows = ["image,label"]
+    for i in range(3):
+        write_nifti(tmp_path / f"i{i}.nii.gz", np.zeros((8, 8, 4), np.int16))
+        write_nifti(tmp_path / f"l{i}.nii.gz", np.zeros((8, 8, 4), np.uint8))
+        rows.append(f"i{i}.nii.gz,l{i}.nii.gz")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    assert Path(resolve_splits(tmp_path / "list.csv", tmp_path / "run", task=None)).is_file()
