@@ -42,7 +42,7 @@ def test_bundle_config_instantiation():
     }
     net = ConfigParser(config).get_parsed_content("network_def")
     assert isinstance(net, ResNet18Student)
-    assert (net.in_channels, net.out_channels, net.widths) == (5, 3, (8, 16, 32, 64))  # base_width b: (b, 2b, 4b, 8b)
+    assert (net.in_channels, net.out_channels, net.widths) == (5, 3, (4, 8, 16, 32))
 
 
 def test_bundle_config_transfuse_with_list_img_size():
