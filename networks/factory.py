@@ -18,7 +18,7 @@ from typing import Any
 
 from networks.contract import TapNetwork
 
-__all__ = ["NETWORKS", "create"]
+__all__ = ["NETWORKS", "create", "network_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,24 @@ _REGISTRY: dict[str, str] = {
 
 #: valid network names for ``create``
 NETWORKS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def network_arguments(name: str) -> tuple[str, ...] | None:
+    """The keyword arguments :func:`create` accepts for ``name`` (None when the factory takes ``**kwargs``).
+
+    Raises:
+        ValueError: an unknown name (listing the valid ones).
+    """
+    import inspect
+
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown network {name!r}; valid names: {', '.join(NETWORKS)}.")
+    module_name, attr = _REGISTRY[name].split(":")
+    params = inspect.signature(getattr(importlib.import_module(module_name), attr)).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    extra = ("encoder_weights",) if name == "resnet18_student" else ("cnn_weights", "vit_weights") if name.startswith("transfuse") else ()
+    return tuple(p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)) + extra
 
 
 def create(name: str, **kwargs: Any) -> TapNetwork:

@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from pipelines.datalist import SPLITS, UNLABELLED, find_cases, read_declared_labels
+from pipelines.engine.splits import entry_path
 
 __all__ = [
     "SEVERITIES",
@@ -109,8 +110,7 @@ def _entries_from_json(path: Path) -> tuple[list[_Case], dict[str, Any] | None]:
     cases: list[_Case] = []
 
     def resolve(value: Any) -> Path:
-        p = Path(str(value).removeprefix("./"))
-        return p if p.is_absolute() else path.parent / p
+        return Path(entry_path(value, path))
 
     for split in (*SPLITS, UNLABELLED):
         for index, entry in enumerate(data.get(split) or []):
@@ -167,6 +167,13 @@ def _load(path: Path, what: str, problems: list[Problem]) -> nib.spatialimages.S
         problems.append(Problem("error", str(path), f"{what} cannot be read ({type(err).__name__}: {err})"))
         return None
     shape = image.shape
+    dtype = image.get_data_dtype() if hasattr(image, "get_data_dtype") else None
+    if dtype is not None and (dtype.fields is not None or not np.issubdtype(dtype, np.number)):
+        problems.append(
+            Problem("error", str(path), f"{what} is not one scalar value per voxel (NIfTI dtype {dtype}: RGB/colour?); "
+                    "give a grayscale volume")
+        )  # fmt: skip
+        return None
     if len(shape) < 3 or any(int(s) != 1 for s in shape[3:]):
         problems.append(Problem("error", str(path), f"{what} is not a 3D volume (shape {tuple(shape)})"))
         return None

@@ -30,6 +30,8 @@ __all__ = [
     "read_declared_labels",
     "find_cases",
     "make_splits",
+    "SPLIT_ALIASES",
+    "split_name",
     "CREATED_BY",
     "build_datalist",
     "NNUNET_SPLITS",
@@ -52,6 +54,14 @@ UNLABELLED = "unlabelled"
 PRESETS: dict[str, dict[str, int]] = {"kits19": {"train": 168, "test": 42}, "lits": {"train": 131, "test": 70}}
 #: ``meta.created_by`` of every file this module writes: the only files ``--out`` may replace
 CREATED_BY = "pipelines.datalist"
+#: ``meta.content_sha256``: SHA-256 of the file's text as written, without this field (a hand edit changes it)
+_CONTENT_KEY = "content_sha256"
+#: the values a CSV ``split`` column may hold (any case), and the split each one means
+SPLIT_ALIASES: dict[str, str] = {
+    "train": "training", "training": "training", "tr": "training",
+    "val": "validation", "valid": "validation", "validation": "validation",
+    "test": "test", "testing": "test", "ts": "test", "holdout": "test", "held-out": "test",
+}  # fmt: skip
 
 _NII = r"\.nii(?:\.gz)?$"
 _KITS_CASE = re.compile(r"^case_(\d+)$")
@@ -61,11 +71,10 @@ _NNUNET_IMAGE = re.compile(r"^(.+)_0000" + _NII)
 
 
 def _nii_in(folder: Path, stem: str) -> Path | None:
-    for suffix in (".nii.gz", ".nii"):
-        candidate = folder / f"{stem}{suffix}"
-        if candidate.exists():
-            return candidate
-    return None
+    found = [folder / f"{stem}{suffix}" for suffix in (".nii.gz", ".nii") if (folder / f"{stem}{suffix}").exists()]
+    if len(found) > 1:  # which one is the case? never pick one silently
+        raise ValueError(f"{folder} holds both {found[0].name} and {found[1].name}; keep one (remove or rename the other)")
+    return found[0] if found else None
 
 
 def detect_layout(source: str | Path) -> str:
@@ -201,6 +210,8 @@ def find_cases(source: str | Path) -> tuple[str, list[dict[str, Any]]]:
         csv_path = source if source.is_file() else sorted(source.glob("*.csv"))[0]
         with csv_path.open(newline="") as handle:
             reader = csv.DictReader(handle)
+            if reader.fieldnames:  # "image, label": the header's spaces are not part of the names
+                reader.fieldnames = [(f or "").strip().lower() for f in reader.fieldnames]
             if not reader.fieldnames or "image" not in reader.fieldnames:
                 raise ValueError(f"{csv_path}: CSV needs an 'image' column (and 'label'), found {reader.fieldnames}")
             for row_number, row in enumerate(reader, start=2):
@@ -212,12 +223,35 @@ def find_cases(source: str | Path) -> tuple[str, list[dict[str, Any]]]:
                     label = Path(raw_label) if Path(raw_label).is_absolute() else csv_path.parent / raw_label
                 entry = _case(image, label, row.get("case") or f"row{row_number}", label is not None)
                 if (row.get("split") or "").strip():
-                    entry["split"] = row["split"].strip()
+                    entry["split"] = split_name(row["split"], f"{csv_path} row {row_number}")
                 cases.append(entry)
 
     if layout != "csv":
         cases.sort(key=_case_order)
     return layout, cases
+
+
+def split_name(value: str, where: str = "split") -> str:
+    """The split a ``split`` value names (:data:`SPLIT_ALIASES`, case and surrounding spaces ignored).
+
+    Args:
+        value: e.g. ``"Test"``, ``"testing"``, ``" val "``.
+        where: what to name in the error (the CSV file and row).
+
+    Returns:
+        ``"training"``, ``"validation"`` or ``"test"``.
+
+    Raises:
+        ValueError: any other value (a held-out case must never fall into the training pool), naming it and the
+            valid values.
+    """
+    name = SPLIT_ALIASES.get(str(value).strip().lower())
+    if name is None:
+        raise ValueError(
+            f"{where}: unknown split {value!r}; valid (any case): {', '.join(sorted(SPLIT_ALIASES))}, or empty to let "
+            "datalist choose."
+        )
+    return name
 
 
 def _case_order(case: dict[str, Any]) -> tuple[int, str]:
@@ -279,13 +313,15 @@ def make_splits(
             raise ValueError(f"fold must be within [0, {folds}), got {fold}")
     elif val_fraction is None or not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be within [0, 1), got {val_fraction}")
+    if int(seed) < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
     rng = np.random.default_rng(int(seed))
     fixed = {name: [] for name in SPLITS}
     pool = []
     for case in cases:
         split = case.get("split")
-        if split in ("train", "training", "val", "validation", "test"):
-            name = {"train": "training", "val": "validation"}.get(split, split)
+        if split is not None and str(split).strip():
+            name = split_name(split, f"case {case.get('case')}")
             fixed[name].append(_entry(case, name != "test" or case["labelled"]))
         elif not case["labelled"]:
             fixed["test"].append(_entry(case, False))
@@ -419,16 +455,30 @@ def build_datalist(
     return result
 
 
+def _content_sha256(result: dict[str, Any]) -> str:
+    """SHA-256 of ``result``'s JSON text without ``meta.content_sha256`` (what :func:`save_datalist` records)."""
+    import hashlib
+
+    meta = {k: v for k, v in (result.get("meta") or {}).items() if k != _CONTENT_KEY}
+    return hashlib.sha256((json.dumps({**result, "meta": meta}, indent=2) + "\n").encode()).hexdigest()
+
+
 def datalist_text(result: dict[str, Any]) -> str:
-    """The exact JSON text :func:`save_datalist` writes for ``result`` (deterministic: equal splits, equal bytes)."""
-    return json.dumps(result, indent=2) + "\n"
+    """The exact JSON text :func:`save_datalist` writes for ``result`` (deterministic: equal splits, equal bytes),
+    with ``meta.content_sha256`` recording that content (a later hand edit is detected by :func:`is_own_datalist`)."""
+    meta = {k: v for k, v in (result.get("meta") or {}).items() if k != _CONTENT_KEY}
+    meta[_CONTENT_KEY] = _content_sha256({**result, "meta": meta})
+    return json.dumps({**result, "meta": meta}, indent=2) + "\n"
 
 
 def is_own_datalist(path: str | Path) -> bool:
-    """Whether ``path`` is a JSON file this module wrote (its ``meta.created_by`` is :data:`CREATED_BY`).
+    """Whether ``path`` is a JSON file this module wrote and nobody changed since.
+
+    Its ``meta.created_by`` is :data:`CREATED_BY` and its content still hashes to the ``meta.content_sha256``
+    recorded at write time: a split file a user edited by hand (a case moved to test) is not the tool's any more.
 
     Returns:
-        False for a missing, unreadable, non-JSON or foreign file.
+        False for a missing, unreadable, non-JSON, foreign or edited file.
     """
     try:
         with open(path, "rb") as handle:
@@ -439,7 +489,9 @@ def is_own_datalist(path: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     meta = data.get("meta") if isinstance(data, dict) else None
-    return isinstance(meta, dict) and meta.get("created_by") == CREATED_BY
+    if not isinstance(meta, dict) or meta.get("created_by") != CREATED_BY:
+        return False
+    return meta.get(_CONTENT_KEY) == _content_sha256(data)
 
 
 def save_datalist(result: dict[str, Any], out: str | Path) -> Path:
@@ -465,8 +517,8 @@ def save_datalist(result: dict[str, Any], out: str | Path) -> Path:
             raise ValueError(f"--out {out}: {parent} is a file, not a folder")
     if out.exists() and not is_own_datalist(out):
         raise ValueError(
-            f"--out {out} exists and was not written by pipelines.datalist (no meta.created_by={CREATED_BY!r}); "
-            "refusing to replace it: choose another --out"
+            f"--out {out} exists and was not written by pipelines.datalist, or was edited since (its content no longer "
+            f"matches meta.{_CONTENT_KEY}); refusing to replace it: choose another --out"
         )
     atomic_write_text(out, datalist_text(result))
     return out

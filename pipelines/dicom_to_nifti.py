@@ -22,7 +22,8 @@ corrupt or truncated (header or pixel data): it is named, never dropped, whereve
 uneven steps in slice positions (a step deviating more than 10 % from the median), duplicate positions, mixed
 orientations or matrix sizes within a series. Warnings: Modality other than CT; a single-slice series, whose slice
 spacing cannot be measured and is taken from SpacingBetweenSlices / SliceThickness (1 mm when both are absent).
-Only geometry, the series number/description and a short hash of the series UID are used for outputs and logs.
+Only geometry, the series number and a short hash of the series UID are used for outputs and logs: no free-text field
+(SeriesDescription, names, IDs, which may hold a patient's name or MRN) ever reaches a file name, a case id or a log.
 
 Usage: ``python -m pipelines.dicom_to_nifti SRC OUT [--series UID]``.
 """
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,14 +95,16 @@ class SeriesInfo:
 
     @property
     def name(self) -> str:
-        """Output file stem: ``series<number>_<description>_<hash>`` sanitised to ``[A-Za-z0-9._-]``."""
-        parts = [f"series{self.number}" if self.number is not None else "series"]
-        description = re.sub(r"[^A-Za-z0-9.-]+", "_", self.description).strip("_.")[:40]
-        if description:
-            parts.append(description)
-        parts.append(self.short_id)
-        return "_".join(parts)
+        """Output file stem (also the case id of inference and every log line): ``series<number>_<hash>``.
 
+        Never the SeriesDescription or any other free-text field: sites type patient names and MRNs into them
+        (issue 19: "ABD CT DOE JANE MRN4455667" reached the file name, ``volumes.csv`` and the log).
+        """
+        return f"series{self.number}_{self.short_id}" if self.number is not None else f"series_{self.short_id}"
+
+
+#: Modality values shown in a log line as they are (any other value may be free text: never logged)
+_KNOWN_MODALITIES = frozenset({"CT", "MR", "PT", "NM", "US", "XA", "RF", "CR", "DX", "MG", "OT", "SC", "SEG", "RTSTRUCT", "SR", "PR", "REG"})
 
 #: file names that declare a DICOM file even without the ``DICM`` preamble
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -303,6 +305,13 @@ def _validate(series: SeriesInfo) -> tuple[list[_Slice], list[str]]:
     spacings = {tuple(np.round(s.spacing, 4)) for s in slices}
     if len(spacings) > 1:
         problems.append(f"{label}: slices with different PixelSpacing {sorted(spacings)}")
+    bad_spacing = sorted({sp for sp in spacings if not all(np.isfinite(v) and v > 0 for v in sp)})
+    if bad_spacing:  # the affine would be singular (LinAlgError), or the volume's mm meaningless
+        problems.append(f"{label}: PixelSpacing {list(bad_spacing[0])} is not positive; the pixel size in mm is unknown")
+        return slices, problems
+    if np.linalg.norm(np.cross(slices[0].orientation[:3], slices[0].orientation[3:])) < 1e-6:
+        problems.append(f"{label}: ImageOrientationPatient {list(slices[0].orientation)} has parallel row and column directions")
+        return slices, problems
     normal = _normal(slices[0].orientation)
     along = np.array([float(s.position @ normal) for s in slices])
     order = np.argsort(along, kind="stable")
@@ -496,7 +505,8 @@ def convert_dicom(src: str | Path, out: str | Path, series_uid: str | None = Non
                 else "no SpacingBetweenSlices/SliceThickness either, 1 mm assumed",
             )
         if series.modality.upper() != "CT":
-            logger.warning("%s: Modality is %r, not CT: HU windows may not apply", series.name, series.modality)
+            shown = series.modality if series.modality.upper() in _KNOWN_MODALITIES else "a non-standard value"
+            logger.warning("%s: Modality is %r, not CT: HU windows may not apply", series.name, shown)
     if problems:
         raise DicomSeriesError("; ".join(problems) + " (nothing written; pick a good series with --series UID)")
     written = []

@@ -631,14 +631,17 @@ def run_bundle(run_id: str, role: str, config: str, **overrides: Any) -> None:
         run_id: ``training``, ``evaluating`` or ``inferring``.
         role: the bundle (``bundles/<role>``).
         config: ``train``, ``evaluate`` or ``inference``.
-        overrides: bundle knobs.
+        overrides: bundle knobs; every value is passed as data (``pipelines.engine.literal_overrides``): a path or
+            name read from a file (``experiment.json``, a splits JSON) is never run as a MONAI expression.
     """
     from monai.bundle import run
+
+    from pipelines.engine.config_values import literal_overrides
 
     config_file = REPO / "bundles" / role / "configs" / f"{config}.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"bundle config {config_file} does not exist (role {role!r}); roles: bundles/*/role.yaml in {REPO}")
-    run(run_id, config_file=str(config_file), **overrides)
+    run(run_id, config_file=str(config_file), **literal_overrides(overrides))
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -1622,6 +1625,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as e:
         p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from pipelines.engine.knobs import install_excepthook
+
+    install_excepthook()  # a project error (bad data: a NaN voxel) is its message, not a traceback (CTDISTILL_TRACEBACK=1)
     t0 = time.perf_counter()
     run_experiment(cfg)
     out = Path(cfg.out).resolve()

@@ -345,6 +345,8 @@ def verify_bundle(bundle_dir: str | Path, schema: str | Path = SCHEMA_FILE) -> N
     """
     from monai.bundle import verify_metadata, verify_net_in_out
 
+    from pipelines.engine.config_values import config_literal
+
     schema, bundle_dir = Path(schema), Path(bundle_dir)
     if not schema.is_file():
         raise FileNotFoundError(f"metadata schema {schema} does not exist (it ships in bundles/schema/).")
@@ -355,7 +357,7 @@ def verify_bundle(bundle_dir: str | Path, schema: str | Path = SCHEMA_FILE) -> N
         meta_file=meta,
         config_file=str(bundle_dir / "configs" / "inference.yaml"),
         device="cpu",
-        bundle_root=str(bundle_dir),
+        bundle_root=config_literal(bundle_dir),  # a folder named '@x' or 'a#b' stays a path
     )
 
 
@@ -380,6 +382,8 @@ def export_torchscript(bundle_dir: str | Path, filepath: str | Path | None = Non
     """
     from monai.bundle import ckpt_export
 
+    from pipelines.engine.config_values import config_literal
+
     bundle_dir = Path(bundle_dir)
     meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
     out = Path(filepath) if filepath else bundle_dir / "models" / "model.ts"
@@ -391,7 +395,7 @@ def export_torchscript(bundle_dir: str | Path, filepath: str | Path | None = Non
         config_file=str(bundle_dir / "configs" / "inference.yaml"),
         use_trace=True,
         input_shape=[1, *_example_shape(meta)],
-        bundle_root=str(bundle_dir),
+        bundle_root=config_literal(bundle_dir),  # a folder named '@x' or 'a#b' stays a path
     )
     return out
 

@@ -499,8 +499,47 @@ def synthesize(task: str, cases: int, size: int, out: str | Path, seed: int = 0)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
+    _refuse_foreign_content(out, task)
     with remove_new_files_on_error(out):  # a failed run leaves nothing it created (no partial case)
         return _synthesize_into(task, cases, size, out, seed)
+
+
+def _refuse_foreign_content(out: Path, task: str) -> None:
+    """Refuse a non-empty ``--out`` that is not an earlier procedural synthesize output (a real dataset, say).
+
+    Accepted: a missing or empty folder, or one holding only a synthesize ``dataset.json`` (with its ``synthetic``
+    section) and this task's case files (``case_XXXXX/{imaging,segmentation}.nii.gz`` or ``volume-N.nii`` /
+    ``segmentation-N.nii``), which a re-run rewrites.
+
+    Raises:
+        ValueError: naming the folder and the first entries synthesize did not write.
+    """
+    if not out.is_dir():
+        return
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    lits = re.compile(r"^(volume|segmentation)-\d+\.nii$")
+
+    def ours(entry: Path) -> bool:
+        if entry.is_symlink():
+            return False
+        if entry.is_file() and (entry.name == "dataset.json" or _is_temp_of(entry.name, "dataset.json")):
+            return True
+        if task == "kits":
+            return entry.is_dir() and _KITS_CASE.match(entry.name) is not None and all(
+                f.is_file() and not f.is_symlink() and (f.name in _CASE_FILES or any(_is_temp_of(f.name, c) for c in _CASE_FILES))
+                for f in entry.iterdir()
+            )  # fmt: skip
+        return entry.is_file() and (lits.match(entry.name) is not None or TMP_MARKER in entry.name)
+
+    foreign = [e.name for e in entries if not ours(e)]
+    if foreign or not _is_synthesize_json(out / "dataset.json"):
+        what = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "") if foreign else "no synthesize dataset.json"
+        raise ValueError(
+            f"--out {out} is not empty and pipelines.synthesize did not create it ({what}); nothing is written there "
+            "(its files would be overwritten or mixed with synthetic cases): give a new or empty folder"
+        )
 
 
 def _synthesize_into(task: str, cases: int, size: int, out: Path, seed: int) -> Path:

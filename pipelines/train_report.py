@@ -495,6 +495,7 @@ def train_report(cfg: TrainReportConfig) -> dict[str, Any]:
     from monai.bundle import ConfigParser
 
     from networks.perf import amp_kwargs, autocast_dtype, channels_last_for, prepare_network, resolve_device
+    from pipelines.engine.config_values import config_literal, literal_overrides
 
     bundle = bundle_of(cfg.role)
     if cfg.steps < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.batch_size < 1 or cfg.size < 16 or cfg.num_workers < 0:
@@ -527,7 +528,7 @@ def train_report(cfg: TrainReportConfig) -> dict[str, Any]:
                 synthesize("kits", cases=cfg.cases, size=cfg.size, out=data, seed=cfg.seed)
             logger.info("synthetic cohort in %.1f s: %s", time.perf_counter() - t0, data)
             dataset_dir = str(data)
-        knobs = _overrides(cfg, bundle, str(dataset_dir), work)
+        knobs = literal_overrides(_overrides(cfg, bundle, str(dataset_dir), work))  # user strings as data, never code
         knobs["device"] = f"$torch.device({str(device)!r})"
         parser = ConfigParser()
         parser.read_config(str(_REPO / "bundles" / bundle / "configs" / "train.yaml"))  # self-contained: any cwd
@@ -535,9 +536,9 @@ def train_report(cfg: TrainReportConfig) -> dict[str, Any]:
             knobs["data_path"] = "loader"  # the bundle's CacheDataset + DataLoader; the device path is built below
         if bundle in KD_ROLES:
             in_channels = int(knobs.get("num_slices", parser["num_slices"]))
-            knobs["teacher_ckpt"] = cfg.teacher_ckpt or str(
+            knobs["teacher_ckpt"] = config_literal(cfg.teacher_ckpt or str(
                 _teacher_checkpoint(work / "teacher.pt", in_channels, int(parser["out_channels"]), cfg.teacher_kwargs)
-            )
+            ))
         parser.update(pairs=knobs)
         # the loader first: building it writes the split and caches the volumes (timed apart)
         t0 = time.perf_counter()

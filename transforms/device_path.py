@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +137,16 @@ def class_slice_indices(
             voxel = torch.arange(n, device=label.device)
         out.append(torch.searchsorted(cum[c], voxel, right=True))
     return out
+
+
+class _LazyNames:
+    """The file names of a batch's volume ids, resolved (one device-to-host copy) only when asked for."""
+
+    def __init__(self, names: Sequence[str], item_ids: torch.Tensor) -> None:
+        self.names, self.item_ids = names, item_ids
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([self.names[i] for i in dict.fromkeys(self.item_ids.tolist())])
 
 
 @dataclass
@@ -424,7 +434,11 @@ class DeviceSlabLoader(DeviceBatchLoader):
         image, label, _ = self.sample(item_ids.repeat_interleave(self.samples_per_volume), generator)
         if self.augmentation is not None:
             image, label = self.augmentation(image, label, generator)
-        return {"image": image, "label": label}
+        batch: dict[str, Any] = {"image": image, "label": label}
+        names = getattr(self, "names", None)
+        if names:  # the source files of the batch (read only when a training step fails: one list, no device sync)
+            batch["cases"] = _LazyNames(names, item_ids)
+        return batch
 
 
 def build_device_train_loader(
@@ -501,7 +515,7 @@ def build_device_train_loader(
         num_workers=num_workers,
         load_context=load_context,
     )
-    return DeviceSlabLoader(
+    loader = DeviceSlabLoader(
         cache,
         batch_size=batch_size,
         samples_per_volume=samples_per_volume,
@@ -514,3 +528,5 @@ def build_device_train_loader(
         seed=seed,
         rank=rank,
     )
+    loader.names = [str(item.get("image", "")) for item in local]  # the batch's "cases": a NaN loss names them
+    return loader

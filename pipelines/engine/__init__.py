@@ -7,6 +7,7 @@ The bundles write ``$import pipelines.engine`` once and reference ``pipelines.en
 - ``output``: a training run's output folder (lock, resume/overwrite guard)
 - ``splits``: which split JSON a run reads, its sections, loader batch size
 - ``preflight``: the checks before long work (dataset, teacher checkpoint, disk, MLflow store)
+- ``config_values``: user strings into bundle configs as data, never as MONAI expressions/references/macros
 - ``errors``: ``BundleInputError`` and the knob parsers ``as_bool`` / ``optional_knob``
 - ``gate``: the KD roles' validation gate (``--baseline_ckpt``: did distillation beat the plain student?)
 - ``inferers``, ``metrics`` (per-volume metrics, CSV reports, metric handlers), ``handlers`` (ignite handlers),
@@ -28,6 +29,7 @@ import importlib
 from pipelines.engine.atomic import *  # noqa: F403
 from pipelines.engine.case_dataset import *  # noqa: F403
 from pipelines.engine.checkpoint import *  # noqa: F403
+from pipelines.engine.config_values import *  # noqa: F403
 from pipelines.engine.curves import *  # noqa: F403
 from pipelines.engine.data import *  # noqa: F403
 from pipelines.engine.dicom_seg import *  # noqa: F403
@@ -51,5 +53,5 @@ from pipelines.engine.splits import *  # noqa: F403
 from pipelines.engine.tracking import *  # noqa: F403
 
 #: the modules re-exported here (one concern each; the public API is the union of their ``__all__``)
-_MODULES = ("atomic", "case_dataset", "checkpoint", "curves", "data", "dicom_seg", "errors", "gate", "handlers", "inference", "inferers", "knobs", "labels", "metrics", "optim", "output", "pictures", "plan", "polyp", "preflight", "progress", "safeguards", "splits", "tracking")
+_MODULES = ("atomic", "case_dataset", "checkpoint", "config_values", "curves", "data", "dicom_seg", "errors", "gate", "handlers", "inference", "inferers", "knobs", "labels", "metrics", "optim", "output", "pictures", "plan", "polyp", "preflight", "progress", "safeguards", "splits", "tracking")
 __all__ = [name for module in _MODULES for name in importlib.import_module(f"pipelines.engine.{module}").__all__]

@@ -8,6 +8,7 @@ destination is left as it was. Temporary names start with ``.`` and contain ``.t
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ from typing import Any
 
 __all__ = [
     "TMP_MARKER",
+    "refuse_symlink",
+    "links_below",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -44,6 +47,32 @@ def _suffix(name: str) -> str:
     return Path(name).suffix
 
 
+def refuse_symlink(path: str | os.PathLike) -> None:
+    """Never write through (or replace) a symbolic link: its target may be any file of the user's.
+
+    Args:
+        path: a file about to be written.
+
+    Raises:
+        OSError: ``ELOOP``, naming ``path`` and the link's target.
+    """
+    if os.path.islink(path):
+        raise OSError(
+            errno.ELOOP,
+            f"{path} is a symbolic link (to {os.readlink(path)}); refusing to write through it: remove the link or "
+            "choose another output folder",
+            str(path),
+        )
+
+
+def links_below(root: str | os.PathLike) -> list[Path]:
+    """Symbolic links below ``root`` (not followed; ``root`` itself may be a link to the folder), sorted."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        found.extend(Path(folder, n) for n in (*dirs, *files) if os.path.islink(os.path.join(folder, n)))
+    return sorted(found)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, fsync: bool = True) -> Path:
     """Write ``path`` atomically: ``write(tmp)`` fills a temporary file beside it, which then replaces ``path``.
 
@@ -57,10 +86,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, fsync
 
     Raises:
         IsADirectoryError: ``path`` is an existing folder.
+        OSError: ``path`` is a symbolic link (:func:`refuse_symlink`: never written through, never replaced).
         Exception: whatever ``write`` or the filesystem raises; the temporary file is removed first (an
             ``OSError`` naming the temporary file names ``path`` instead).
     """
     path = Path(path)
+    refuse_symlink(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)

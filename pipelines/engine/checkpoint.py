@@ -271,6 +271,11 @@ class TrainCheckpointer:
             return
         value = float(value)
         if math.isnan(value):
+            logger.warning(
+                "validation %s is undefined at epoch %d (no validation case has this region in its label or the "
+                "prediction: empty vs empty is not a perfect score): best.pt is not selected by it this epoch",
+                self.key_metric, self._trainer.state.epoch,
+            )  # fmt: skip
             return
         tie = -math.inf
         if self.tie_metric is not None:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from pipelines.engine.errors import as_bool
+from pipelines.engine.errors import BundleInputError, as_bool
 
-__all__ = ["EpochAverager", "SaveOnIteration", "loss_of", "trainable"]
+__all__ = ["EpochAverager", "NonFiniteLossStop", "SaveOnIteration", "batch_cases", "loss_of", "trainable"]
 
 
 def trainable(network: torch.nn.Module, distiller: torch.nn.Module | None = None) -> list[torch.nn.Parameter]:
@@ -86,6 +86,66 @@ def loss_of(output: Any) -> float:
     item = output[0] if isinstance(output, list) and output else output
     loss = item["loss"] if isinstance(item, Mapping) else item
     return float(loss.detach().item()) if isinstance(loss, torch.Tensor) else float(loss)
+
+
+def batch_cases(batch: Any, key: str = "image") -> list[str]:
+    """The source files of a batch (``filename_or_obj`` of its MetaTensor or meta dict), unique, in order.
+
+    Returns:
+        the file names (the device path's batches list them under ``cases``); ``[]`` when the batch carries none.
+    """
+    items = batch if isinstance(batch, list) else [batch]
+    names: list[str] = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            continue
+        meta = getattr(item.get(key), "meta", None) or item.get(f"{key}_meta_dict") or {}
+        value = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
+        value = list(item["cases"]) if value is None and item.get("cases") is not None else value  # the device path
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v and str(v) not in names:
+                names.append(str(v))
+    return names
+
+
+class NonFiniteLossStop:
+    """Stop training at the first non-finite loss, before the optimizer step, naming the batch's cases.
+
+    A NaN/inf voxel that reached training (``--check_data false``) makes the loss NaN; one optimizer step then turns
+    every weight NaN, and a run that goes on saves and logs that model with exit 0. This handler checks the loss
+    when it is complete (MONAI's ``IterationEvents.LOSS_COMPLETED``: after the KD terms are added, before
+    ``backward``) and again at ``ITERATION_COMPLETED`` (for iteration functions that fire no loss event); it raises
+    before anything of that step is saved: ``last.pt``/``best.pt`` keep the last finite epoch, the MLflow run ends
+    FAILED and no model is logged.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``LOSS_COMPLETED`` (when the engine fires it) and ``ITERATION_COMPLETED``."""
+        from monai.engines.utils import IterationEvents
+
+        if IterationEvents.LOSS_COMPLETED in getattr(engine, "_allowed_events", []):
+            engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        """Raise when the current loss is NaN or infinite.
+
+        Raises:
+            BundleInputError: naming the epoch, the iteration, the value and the cases of the batch.
+        """
+        out = engine.state.output
+        item = out[0] if isinstance(out, list) and out else out
+        loss = item.get("loss") if isinstance(item, Mapping) else item
+        if not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss.detach()).all()):
+            return
+        cases = batch_cases(engine.state.batch)
+        listed = ", ".join(cases[:8]) + (", ..." if len(cases) > 8 else "") if cases else "not recorded by this data path"
+        raise BundleInputError(
+            f"training loss is {loss.detach().float().reshape(-1)[0].item()} at epoch {engine.state.epoch}, iteration "
+            f"{engine.state.iteration}; the batch's cases: {listed}. Stopped before the weights were updated (the "
+            "checkpoints keep the last finite epoch): check the data with python -m pipelines.check_dataset "
+            "(NaN/inf voxels?) or lower --lr."
+        )
 
 
 class SaveOnIteration:

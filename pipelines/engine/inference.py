@@ -31,7 +31,7 @@ from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
 from pipelines.engine.atomic import TMP_MARKER, atomic_write
-from pipelines.engine.metrics import case_id, voxel_volume_ml, write_csv_atomic
+from pipelines.engine.metrics import case_id, unique_case_ids, voxel_volume_ml, write_csv_atomic
 from pipelines.engine.safeguards import PROVENANCE_COLUMNS, input_problems, kidney_sides, label_name, result_flags
 
 __all__ = [
@@ -102,9 +102,10 @@ def prediction_case(image: str | os.PathLike) -> str:
     return _NNUNET_CHANNEL.sub("", case_id(str(image)))
 
 
-def output_path(output_dir: str | os.PathLike, image: str | os.PathLike) -> Path:
-    """Where the label map of ``image`` goes: ``<output_dir>/<case>.nii.gz`` (:func:`prediction_case`)."""
-    return Path(output_dir) / f"{prediction_case(image)}.nii.gz"
+def output_path(output_dir: str | os.PathLike, image: str | os.PathLike, case: str | None = None) -> Path:
+    """Where the label map of ``image`` goes: ``<output_dir>/<case>.nii.gz`` (:func:`prediction_case`; ``case``
+    given: that id, e.g. from ``unique_case_ids``)."""
+    return Path(output_dir) / f"{case or prediction_case(image)}.nii.gz"
 
 
 def is_label_file(path: str | os.PathLike) -> bool:
@@ -409,6 +410,7 @@ class WriteLabelMapd(MapTransform):
         task: ``"kits"`` (per-kidney volumes) or ``"lits"``; picks the default mL ranges.
         organ_ml_range: plausible organ volume ``[low, high]`` mL (None: the task's default).
         tumor_ml_range: plausible tumor volume ``[low, high]`` mL (None: the task's default).
+        images: every input file of the run (optional): ids made unique by ``unique_case_ids``.
     """
 
     def __init__(
@@ -425,6 +427,7 @@ class WriteLabelMapd(MapTransform):
         task: str = "kits",
         organ_ml_range: Sequence[float] | None = None,
         tumor_ml_range: Sequence[float] | None = None,
+        images: Sequence[str] | None = None,
     ) -> None:
         from pipelines.engine.dicom_seg import check_output_format
 
@@ -433,6 +436,8 @@ class WriteLabelMapd(MapTransform):
         if self.output_format != "nifti" and seg_writer is None:
             raise ValueError(f"output_format {output_format!r} needs a seg_writer (pipelines.engine.dicom_seg.dicom_seg_writer).")
         self.seg_writer, self.label_names = seg_writer, label_names
+        # every input of the run, when known: files sharing a name (patXX/ct.nii.gz) get distinct case ids
+        self.case_ids = unique_case_ids(list(images)) if images else {}
         self.output_dir = Path(output_dir)
         self.image_key = image_key
         self.organ_label, self.tumor_label = int(organ_label), int(tumor_label)
@@ -473,7 +478,8 @@ class WriteLabelMapd(MapTransform):
             if arr.ndim == 4:
                 arr = arr[0]
             arr = np.rint(arr).astype(np.uint8)
-            target = output_path(self.output_dir, src)
+            case = self.case_ids.get(src) or prediction_case(src)
+            target = output_path(self.output_dir, src, case)
             if target.resolve() == Path(src).resolve():
                 raise ValueError(f"refusing to overwrite the input {src}.")
             written = {Path(str(r[-1])).name: r for r in self.rows}
@@ -514,7 +520,7 @@ class WriteLabelMapd(MapTransform):
             meanings = ";".join(f"{v}={n}" for v, n in sorted((self.label_names or {}).items()))
             self.rows.append(
                 [
-                    prediction_case(src),
+                    case,
                     organ,
                     tumor,
                     organ + tumor,

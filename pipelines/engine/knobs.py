@@ -24,15 +24,18 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from pipelines.engine.config_values import refuse_config_syntax
 
 __all__ = [
     "MONAI_RUN_ARGS",
     "role_knobs",
     "check_cli",
+    "validate_knobs",
     "project_error",
     "report_project_error",
     "install_excepthook",
@@ -188,7 +191,8 @@ def check_cli(argv: Sequence[str] | None = None) -> bool:
 
     Raises:
         SystemExit: ``--help``/``-h`` (exit 0 after printing the role's knobs).
-        ValueError: an unknown knob, naming it, the closest valid knobs and where the valid ones are listed.
+        ValueError: an unknown knob, naming it, the closest valid knobs and where the valid ones are listed; a path
+            knob whose value MONAI reads as an expression, reference or macro (``--dataset_dir @kits``).
     """
     from_cli = argv is None
     argv = list(sys.argv if argv is None else argv)
@@ -211,6 +215,8 @@ def check_cli(argv: Sequence[str] | None = None) -> bool:
                 print(f"  --{k:<{width}}  {value.strip():<16} {comment.strip()}".rstrip())
         print("other top-level sections can be replaced too (see bundles/README.md).")
         sys.exit(0)
+    for k in keys:  # MONAI has parsed these already: a path that reads as config syntax cannot be escaped, only refused
+        refuse_config_syntax(k, values.get(k))
     unknown = [k for k in keys if k not in MONAI_RUN_ARGS and k.split("#")[0] not in knobs]
     if unknown:
         bad = unknown[0]
@@ -284,3 +290,113 @@ def kd_options(
         out["baseline_ckpt"] = str(baseline)
         out[f"baseline_{key_metric}"] = baseline_score(baseline, key_metric, splits_file)
     return out
+
+
+#: whole-number knobs and their minimum
+_INT_KNOBS: dict[str, int] = {
+    "epochs": 1, "val_interval": 1, "batch_size": 1, "samples_per_volume": 1, "seed": 0, "num_workers": 0,
+    "num_slices": 1, "sw_batch_size": 1, "warmup_epochs": 0, "spatial_dims": 2, "out_channels": 1,
+}  # fmt: skip
+#: real-number knobs: (minimum, whether the minimum itself is allowed)
+_FLOAT_KNOBS: dict[str, tuple[float, bool]] = {"lr": (0.0, False), "lr_min": (0.0, True), "grad_clip": (0.0, True), "cache_rate": (0.0, True)}
+#: dict knobs
+_DICT_KNOBS = ("network_kwargs", "run_tags", "kd_weights")
+#: MLflow tracking URI schemes a run can use
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "databricks")
+
+
+def _whole(knob: str, value: Any, minimum: int) -> int:
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number):
+            raise ValueError
+    except (ValueError, TypeError, OverflowError):
+        raise ValueError(f"--{knob} {value!r} is not a whole number (>= {minimum}).") from None
+    if int(number) < minimum:
+        raise ValueError(f"--{knob} {value!r} must be >= {minimum}.")
+    return int(number)
+
+
+def validate_knobs(**knobs: Any) -> bool:
+    """THE check of a bundle's knob values, before any work: one line naming the knob, the value and what is valid.
+
+    Called second in every training entry point (after :func:`check_cli`), with the knobs as given (a CLI value
+    reaches it as fire parsed it: ``--epochs abc`` is the string ``"abc"``). Only the knobs passed are checked.
+
+    Args:
+        knobs: knob values by name. Checked: whole numbers (``epochs``, ``val_interval``, ``batch_size``,
+            ``samples_per_volume``, ``seed``, ...), real numbers (``lr`` > 0, ``lr_min``/``grad_clip``/``cache_rate``
+            >= 0, all finite), dicts (``network_kwargs`` with names the network takes -- ``network_name`` given --,
+            ``run_tags`` of string keys and scalar values), ``tracking_uri`` (a scheme MLflow can store in),
+            ``dataset_dir`` (a folder, a splits ``.json`` or a datalist ``.csv``), and one training crop per step with
+            BatchNorm (``batch_size``, ``samples_per_volume``, the network's ``norm``).
+
+    Returns:
+        True (so it can sit in a bundle's expression list).
+
+    Raises:
+        ValueError: the first bad knob.
+    """
+    import ast
+    import math
+    from urllib.parse import urlparse
+
+    values = dict(knobs)
+    for knob, minimum in _INT_KNOBS.items():
+        if values.get(knob) is not None:
+            values[knob] = _whole(knob, values[knob], minimum)
+    for knob, (minimum, inclusive) in _FLOAT_KNOBS.items():
+        if values.get(knob) is None:
+            continue
+        try:
+            number = float(values[knob])
+        except (ValueError, TypeError):
+            raise ValueError(f"--{knob} {values[knob]!r} is not a number.") from None
+        if not math.isfinite(number) or number < minimum or (number == minimum and not inclusive):
+            raise ValueError(f"--{knob} {values[knob]!r} must be a finite number {'>=' if inclusive else '>'} {minimum:g}.")
+    for knob in _DICT_KNOBS:
+        value = values.get(knob)
+        if isinstance(value, str):
+            try:
+                value = ast.literal_eval(value) if value.strip() else {}
+            except (ValueError, SyntaxError):
+                raise ValueError(f"--{knob} {value!r} is not a dict; write it as \"{{'name': value}}\".") from None
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError(f"--{knob} {values[knob]!r} is not a dict; write it as \"{{'name': value}}\".")
+        values[knob] = value
+    tags = values.get("run_tags") or {}
+    bad = [k for k, v in tags.items() if not isinstance(k, str) or not k or isinstance(v, (Mapping, list, tuple, set))]
+    if bad:
+        raise ValueError(f"--run_tags: tag {bad[0]!r} needs a non-empty string name and a plain value, e.g. \"{{'team': 'kidney'}}\".")
+    name, kwargs = values.get("network_name"), values.get("network_kwargs")
+    if name and kwargs:
+        from networks.factory import network_arguments
+
+        accepted = network_arguments(str(name))
+        unknown = sorted(set(kwargs) - set(accepted)) if accepted is not None else []
+        if unknown:
+            raise ValueError(f"--network_kwargs: {unknown[0]!r} is not an argument of {name}; valid: {', '.join(accepted)}.")
+    uri = values.get("tracking_uri")
+    if uri:
+        scheme = urlparse(str(uri)).scheme
+        if scheme and len(scheme) > 1 and scheme not in TRACKING_SCHEMES:  # one letter: a Windows drive
+            raise ValueError(
+                f"--tracking_uri {uri!r}: MLflow cannot store runs at a {scheme}:// address; use sqlite:///<file>.db, "
+                "http(s)://<server> or a folder."
+            )
+    data = values.get("dataset_dir")
+    if data and isinstance(data, (str, os.PathLike)) and Path(data).is_file() and Path(data).suffix.lower() not in (".json", ".csv"):
+        raise ValueError(
+            f"--dataset_dir {data} is a file, not a dataset: give the folder holding the CT volumes, a splits .json "
+            "or a datalist .csv."
+        )
+    crops = values.get("batch_size"), values.get("samples_per_volume")
+    if all(c is not None for c in crops):
+        per_step = max(1, crops[0] // crops[1]) * crops[1]
+        norm = (kwargs or {}).get("norm", "batch")
+        if per_step == 1 and str(norm).lower().startswith("batch"):
+            raise ValueError(
+                f"--batch_size {crops[0]} with --samples_per_volume {crops[1]} trains on one crop per step, which "
+                "BatchNorm cannot normalise; use --batch_size 2 or more."
+            )
+    return True

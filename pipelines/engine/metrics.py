@@ -5,8 +5,9 @@ Every value is computed per *case* (one whole volume, all slices) and kept per c
 
 Conventions (HLFD, ISBI 2024, Sec. 3: DSC and RVD on the tumor and on organ+tumor):
 
-- ``dsc = 2 |P & G| / (|P| + |G|)``; empty ground truth and empty prediction give 1, empty ground truth with a
-  prediction gives 0.
+- ``dsc = 2 |P & G| / (|P| + |G|)``; empty ground truth and empty prediction is UNDEFINED (NaN, excluded from the
+  means and counted as ``n_undefined``, said in the log): a case without tumor never scores a "perfect" 1.0, so a
+  validation set without tumor cannot select a checkpoint (issue 19). Empty ground truth with a prediction gives 0.
 - ``rvd = (V_pred - V_gt) / V_gt`` (signed); undefined (NaN) when the ground truth is empty. NaN values are
   excluded from every mean and counted in the summary (column ``n`` holds the defined values).
 - regions: ``tumor`` is ``label == tumor_label``; ``organ`` is organ+tumor, ``label in organ_labels``.
@@ -46,6 +47,7 @@ __all__ = [
     "summarize_cases",
     "write_csv_atomic",
     "case_id",
+    "unique_case_ids",
     "CT_METRICS",
     "ct_metric_handlers",
     "polyp_metric_handlers",
@@ -59,20 +61,21 @@ KINDS = ("dsc", "rvd", "abs_rvd", "ml_pred", "ml_gt")
 CASE_COLUMNS = ("case", "dsc_tumor", "rvd_tumor", "dsc_organ", "rvd_organ", "tumor_ml_pred", "tumor_ml_gt")
 
 
-def dsc(pred: torch.Tensor, gt: torch.Tensor) -> float:
-    """Dice similarity coefficient of two boolean masks of any shape; empty vs empty is 1.
+def dsc(pred: torch.Tensor, gt: torch.Tensor, empty: float = 1.0) -> float:
+    """Dice similarity coefficient of two boolean masks of any shape.
 
     Args:
         pred: boolean (or 0/1) mask.
         gt: boolean (or 0/1) mask of the same shape.
+        empty: the value for empty vs empty (0/0): 1 by the usual convention; ``RegionMetric`` passes NaN (undefined).
 
     Returns:
-        the DSC in [0, 1].
+        the DSC in [0, 1] (``empty`` when both masks are empty).
     """
     p, g = pred.bool(), gt.bool()
     denom = int(p.sum()) + int(g.sum())
     if denom == 0:
-        return 1.0
+        return float(empty)
     return 2.0 * int((p & g).sum()) / denom
 
 
@@ -162,7 +165,7 @@ class RegionMetric(CumulativeIterationMetric):
         for b in range(p.shape[0]):
             vp, vg = float(p[b].sum()) * vox, float(g[b].sum()) * vox
             if self.kind == "dsc":
-                value = dsc(p[b], g[b])
+                value = dsc(p[b], g[b], empty=math.nan)  # no region in either: undefined, never a perfect 1.0
             elif self.kind in ("rvd", "abs_rvd"):
                 value = rvd(vp, vg)
                 value = abs(value) if self.kind == "abs_rvd" else value
@@ -340,7 +343,11 @@ class CaseMetricsSaver(MetricsSaver):
             raise ValueError(f"metric details {missing} are missing; attach their IgniteMetricHandler with save_details=True.")
         cols = {c: torch.as_tensor(details[c]).reshape(-1).double().cpu().numpy() for c in self.columns}
         n = len(next(iter(cols.values())))
-        cases = [self._case(s) for s in names] if len(names) == n else [str(i) for i in range(n)]
+        if len(names) == n:
+            ids = unique_case_ids(names) if self.case_name == "stem" else {s: s for s in names}
+            cases = [ids[s] for s in names]
+        else:
+            cases = [str(i) for i in range(n)]
         rows = [[cases[i], *[cols[c][i] for c in self.columns]] for i in range(n)]
         self.last_cases = write_csv_atomic(Path(self.save_dir) / f"{self.prefix}cases.csv", ["case", *self.columns], rows)
         self.last_summary = write_csv_atomic(
@@ -350,7 +357,10 @@ class CaseMetricsSaver(MetricsSaver):
         )
         undefined = {c: int(np.isnan(v).sum()) for c, v in cols.items() if np.isnan(v).any()}
         if undefined:
-            logger.info("undefined values (empty ground truth), excluded from means: %s", undefined)
+            logger.info(
+                "undefined values (RVD: empty ground truth; DSC: empty ground truth and empty prediction), excluded "
+                "from means: %s", undefined,
+            )  # fmt: skip
 
 
 def case_id(filename: str) -> str:
@@ -364,6 +374,31 @@ def case_id(filename: str) -> str:
     if name in ("imaging", "image", "img") and p.parent.name:
         return p.parent.name
     return name
+
+
+def unique_case_ids(filenames: Sequence[str]) -> dict[str, str]:
+    """:func:`case_id` of every file, made unique: files whose ids collide (``pat01/ct.nii.gz``, ``pat02/ct.nii.gz``)
+    get their parent folders prefixed (``pat01_ct``, ``pat02_ct``), as many levels as it takes.
+
+    Args:
+        filenames: the image paths of one evaluation/inference run.
+
+    Returns:
+        ``{filename: case id}``; distinct files never share an id (no row or prediction file is overwritten).
+    """
+    unique = list(dict.fromkeys(str(f) for f in filenames))
+    ids = {f: case_id(f) for f in unique}
+    for level in range(1, 64):
+        counts: dict[str, int] = {}
+        for v in ids.values():
+            counts[v] = counts.get(v, 0) + 1
+        clash = [f for f in unique if counts[ids[f]] > 1]
+        if not clash:
+            break
+        for f in clash:
+            parents = Path(f).parent.parts[-level:]
+            ids[f] = "_".join([*parents, case_id(f)]) if parents else f
+    return ids
 
 
 #: metric handler name -> (RegionMetric kind, region); the first is the key metric (best checkpoint)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.engine.atomic import links_below
 from pipelines.engine.checkpoint import load_torch_file
 from pipelines.engine.errors import BundleInputError, as_bool
 
@@ -61,7 +62,7 @@ def _lock_output_dir(d: Path) -> None:
             pass
         os.close(_HELD_LOCKS.pop(key))  # the folder was removed and made again: lock the new file
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)  # never through a link
     except OSError as e:
         raise BundleInputError(
             f"output_dir {d} is not writable ({e.strerror}: {lock}); choose a folder you can write to (--output_dir)."
@@ -144,7 +145,7 @@ def guard_training_output(
 
     Raises:
         BundleInputError: both resume and overwrite; an output folder that cannot be created or written; a folder
-            locked by another run; an earlier run's checkpoints without resume/overwrite; resume without a loadable
+            locked by another run; a folder holding symbolic links; an earlier run's checkpoints without resume/overwrite; resume without a loadable
             ``last.pt``.
     """
     d = Path(output_dir)
@@ -158,6 +159,12 @@ def guard_training_output(
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BundleInputError(f"output_dir {d} cannot be created ({e.strerror or e}); choose another --output_dir.") from e
+    links = links_below(d)
+    if links:  # a pre-seeded link (.lock, splits.json, checkpoints/) would send our writes into someone's file
+        raise BundleInputError(
+            f"output_dir {d} holds a symbolic link, {links[0]} (to {os.readlink(links[0])}); a training run never "
+            "writes through links: remove it or choose another --output_dir."
+        )
     if as_bool(lock):
         _lock_output_dir(d)
     ckpt_dir = d / ckpt_subdir

@@ -36,6 +36,7 @@ from monai.transforms import (
 )
 
 from pipelines.engine.atomic import atomic_write, atomic_write_text
+from pipelines.engine.errors import BundleInputError
 
 __all__ = [
     "POLYP_DATASETS",
@@ -45,6 +46,8 @@ __all__ = [
     "find_pairs",
     "write_polyp_splits",
     "BinarizeMaskd",
+    "LoadPolypd",
+    "CheckPolypPaird",
     "polyp_transforms",
     "MultiScaleIteration",
     "WriteMaskd",
@@ -154,6 +157,57 @@ def write_polyp_splits(
     return str(out)
 
 
+def _source(value: Any) -> str:
+    meta = getattr(value, "meta", None) or {}
+    return str(meta.get("filename_or_obj", value if isinstance(value, (str, os.PathLike)) else "?"))
+
+
+class LoadPolypd(LoadImaged):
+    """``LoadImaged`` whose failure (a truncated or corrupt JPEG/PNG) is one line naming the file."""
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        try:
+            return super().__call__(data, reader)
+        except Exception as err:  # noqa: BLE001 - any reader failure: name the file, keep the reason
+            names = [str(data.get(k)) for k in self.keys if k in data]
+            raise BundleInputError(
+                f"cannot read {' / '.join(names)} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "re-export or remove the image"
+            ) from err
+
+
+class CheckPolypPaird(MapTransform):
+    """Polyp image/mask sanity, after ``EnsureChannelFirstd``: a grayscale image becomes 3 identical channels (RGBA
+    drops alpha); a mask whose size differs from its image's is an error naming both (never resized silently).
+
+    Args:
+        image_key: the image key.
+        label_key: the mask key (absent at inference).
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label") -> None:
+        super().__init__([image_key], allow_missing_keys=True)
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        channels = int(image.shape[0])
+        if channels == 1:
+            d[self.image_key] = image.repeat(3, *([1] * (image.ndim - 1)))
+        elif channels == 4:
+            d[self.image_key] = image[:3]
+        elif channels != 3:
+            raise BundleInputError(f"{_source(image)} has {channels} channels; polyp images are RGB (3) or grayscale (1).")
+        label = d.get(self.label_key)
+        if label is not None and tuple(label.shape[1:]) != tuple(image.shape[1:]):
+            raise BundleInputError(
+                f"mask {_source(label)} is {tuple(label.shape[1:])} but its image {_source(image)} is "
+                f"{tuple(image.shape[1:])}; a mask must have its image's size (it is never resized silently)"
+            )
+        return d
+
+
 class BinarizeMaskd(MapTransform):
     """JPEG mask (C, H, W) in 0..255 -> (1, H, W) float ``{0, 1}`` with ``mean over channels > threshold``.
 
@@ -199,7 +253,7 @@ def polyp_transforms(stage: str, size: int = 352, normalize: bool = True) -> Com
     if int(size) % 16:
         raise ValueError(f"size must be divisible by 16 (TransFuse patches), got {size}.")
     keys = ["image"] if stage == "infer" else ["image", "label"]
-    ops: list = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
+    ops: list = [LoadPolypd(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys), CheckPolypPaird()]
     if stage != "infer":
         ops.append(BinarizeMaskd(keys="label"))
     ops.append(ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))

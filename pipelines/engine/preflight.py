@@ -23,6 +23,7 @@ __all__ = [
     "run_check_dataset",
     "check_free_disk",
     "check_teacher_checkpoint",
+    "check_checkpoint_role",
     "kd_weights",
 ]
 
@@ -101,7 +102,8 @@ def check_teacher_checkpoint(
     if method and method != "none":
         import distill
         import networks
-        from distill.plan import check_trained_heads
+        from distill.plan import _default_names as default_tap_names
+        from distill.plan import check_trained_heads, network_taps
 
         # which heads were trained follows from the architecture the checkpoint records (deep_supervision), so the
         # network is built from the kwargs already read, not loaded from the file a third time
@@ -113,7 +115,16 @@ def check_teacher_checkpoint(
             )
         try:
             teacher = networks.create(name, **{k: v for k, v in net_kwargs.items() if k != "name"})
-            check_trained_heads(teacher, distill.method_class(method).TEACHER_ROLES)
+            roles = distill.method_class(method).TEACHER_ROLES
+            taps = network_taps(teacher)
+            lacking = [r for r, spec in roles.items() if not default_tap_names(taps, spec.groups)]
+            if lacking:  # e.g. a student's best.pt given as --teacher_ckpt
+                raise ValueError(
+                    f"its network {name} has no {'/'.join(roles[lacking[0]].groups)} outputs for the {method} "
+                    f"teacher role {lacking[0]!r}: is it a student's checkpoint? Pass a teacher's best.pt "
+                    "(bundles/unetpp_teacher)"
+                )
+            check_trained_heads(teacher, roles)
         except ValueError as e:
             raise BundleInputError(f"teacher checkpoint {p}: {e}") from e
     return True
@@ -228,6 +239,104 @@ def check_free_disk(output_dir: str | os.PathLike, network: torch.nn.Module | No
     return need
 
 
+def check_checkpoint_role(role: str, settings: Mapping[str, Any], checkpoint: str | os.PathLike) -> bool:
+    """Evaluation: the checkpoint must come from this bundle's role (else its run is tracked under the wrong role).
+
+    Args:
+        role: the evaluating bundle's ``role``.
+        settings: the checkpoint's ``settings`` (``role``, ``network_name``; a checkpoint without them is accepted).
+        checkpoint: its path (named in the message).
+
+    Returns:
+        True (so it can sit in a bundle's expression list).
+
+    Raises:
+        BundleInputError: naming both roles, the network and the config to use instead.
+    """
+    trained = str((settings or {}).get("role") or "")
+    if trained and trained != str(role):
+        raise BundleInputError(
+            f"{checkpoint} was trained by the {trained} bundle (network {settings.get('network_name', '?')}), not by "
+            f"{role}: evaluate it with bundles/{trained}/configs/evaluate.yaml (the results would be tracked as {role})."
+        )
+    return True
+
+
+def _check_resume_fits(last: Path, network: torch.nn.Module) -> None:
+    """``--resume true``: the checkpoint's weights must load into this run's network (same architecture knobs)."""
+    from networks.weights import read_state_dict, state_mismatch
+
+    ckpt = load_torch_file(last, "the checkpoint to resume")
+    missing, unexpected, shapes = state_mismatch(network, read_state_dict(ckpt)[0] if isinstance(ckpt, Mapping) else {})
+    if missing or unexpected or shapes:
+        recorded = (ckpt.get("settings") or {}).get("network_kwargs") if isinstance(ckpt, Mapping) else None
+        first = (shapes or missing or unexpected)[0]
+        raise BundleInputError(
+            f"{last} does not fit this run's network ({len(shapes)} tensor(s) of another shape, {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, e.g. {first}): it was trained with --network_kwargs {recorded}; resume with "
+            "the same --network_kwargs (and --network_name), or start anew with --overwrite true."
+        )
+
+
+def _check_declared_labels(splits_file: str | os.PathLike, classes: int) -> None:
+    """The label values the dataset declares (``dataset.json``, recorded in the split's ``meta.labels``) must be
+    classes the network predicts (0..classes-1): a value 3 with 3 output channels would fail mid-training."""
+    try:
+        meta = json.loads(Path(splits_file).read_text()).get("meta") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    if not isinstance(labels, Mapping):
+        return
+    beyond = {str(k): v for k, v in labels.items() if isinstance(v, int) and not 0 <= v < classes}
+    if beyond:
+        name, value = next(iter(beyond.items()))
+        raise BundleInputError(
+            f"the dataset declares label {name!r} = {value} (dataset.json, recorded in {splits_file}) but the network "
+            f"predicts {classes} classes (0..{classes - 1}); remap the labels to 0..{classes - 1} or set --out_channels "
+            f"{max(beyond.values()) + 1}."
+        )
+
+
+def _check_store_writable(tracking_uri: str) -> None:
+    """A local MLflow store (``sqlite:///<file>``, ``file:`` or a folder) must be writable: a read-only disk would
+    otherwise fail at the first logged metric with a raw OSError/sqlalchemy traceback."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite" and tracking_uri.startswith("sqlite:///"):
+        target = Path(tracking_uri[len("sqlite:///") :])
+    elif parsed.scheme in ("", "file"):
+        target = Path(parsed.path if parsed.scheme else tracking_uri)
+    else:
+        return
+    probe = target if target.exists() else target.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise BundleInputError(
+            f"the MLflow store {target} cannot be written ({probe} is read-only); pass a --tracking_uri on a writable "
+            "disk (e.g. sqlite:///<folder you can write>/mlruns.db)."
+        )
+
+
+def _check_parent_run(tracking_uri: str, run_id: str) -> None:
+    """``--run_tags mlflow.parentRunId``: the parent must be a run of this store (else the run nests nowhere)."""
+    missing = BundleInputError(
+        f"--run_tags mlflow.parentRunId {run_id!r} is not a run of the MLflow store {tracking_uri}; give the id of an "
+        "existing run (mlflow ui lists them) or drop the tag."
+    )
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///") :]).is_file():
+        raise missing  # a store that does not exist yet holds no run (and is not created just to look)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except MlflowException as e:
+        raise missing from e
+
+
 def preflight(
     splits_file: str,
     *,
@@ -241,6 +350,8 @@ def preflight(
     tracking_uri: str | None = None,
     output_dir: str | os.PathLike | None = None,
     network: torch.nn.Module | None = None,
+    run_tags: Mapping[str, Any] | None = None,
+    resume_from: str | os.PathLike | None = None,
 ) -> bool:
     """Every check that must pass before a bundle starts long work.
 
@@ -259,6 +370,9 @@ def preflight(
         output_dir: the training output folder: its disk must hold the run's checkpoints (:func:`check_free_disk`);
             None skips the check.
         network: the network to be trained (the checkpoint size of the disk check).
+        run_tags: the ``--run_tags``: a ``mlflow.parentRunId`` must name a run of the store (``tracking_uri``).
+        resume_from: the ``last.pt`` a ``--resume true`` run continues: its weights must fit ``network`` (the same
+            ``--network_kwargs``), checked here rather than as a size-mismatch traceback after caching.
 
     Returns:
         True (so it can sit in a bundle's expression list).
@@ -268,6 +382,10 @@ def preflight(
             section with fewer cases than DDP processes (DistributedSampler would fail mid-run).
     """
     in_plane_size, pixdim = optional_knob(in_plane_size), optional_knob(pixdim)
+    if resume_from and network is not None:
+        _check_resume_fits(Path(resume_from), network)
+    if network is not None and getattr(network, "out_channels", None):
+        _check_declared_labels(splits_file, int(network.out_channels))
     if output_dir is not None:
         check_free_disk(output_dir, network)
     if tracking_uri:
@@ -277,10 +395,16 @@ def preflight(
             check_tracking_uri(str(tracking_uri))
         except ValueError as e:
             raise BundleInputError(str(e)) from e
+        _check_store_writable(str(tracking_uri))
+        parent = str(dict(run_tags or {}).get("mlflow.parentRunId") or "")
+        if parent:
+            _check_parent_run(str(tracking_uri), parent)
+    from pipelines.engine.splits import split_entries
+
     entries: list[dict] = []
     data = json.loads(Path(splits_file).read_text())
     for s in sections:
-        entries.extend(data.get(s) or [])
+        entries.extend(split_entries(splits_file, s))  # paths relative to the JSON's folder, never the cwd
     if not entries:
         raise BundleInputError(f"{splits_file} lists no cases in {list(sections)}; check --dataset_dir.")
     world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1

@@ -14,7 +14,16 @@ from pipelines.engine.atomic import same_bytes
 from pipelines.engine.errors import BundleInputError
 from pipelines.engine.output import TrainingOutput
 
-__all__ = ["SPLIT_NAMES", "TASK_PRESETS", "resolve_splits", "load_split", "volumes_per_batch"]
+__all__ = [
+    "SPLIT_NAMES",
+    "TASK_PRESETS",
+    "resolve_splits",
+    "entry_path",
+    "split_entries",
+    "load_split",
+    "check_eval_split",
+    "volumes_per_batch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +98,15 @@ def _resolve_split_path(
     d = Path(dataset_dir)
     if d.is_file() and d.suffix == ".json":
         return str(d)
-    if not d.is_dir():
+    csv_list = d.is_file() and d.suffix.lower() == ".csv"  # a datalist CSV (image,label[,split])
+    if d.is_file() and not csv_list:
+        raise BundleInputError(
+            f"dataset_dir {d} is a file, not a dataset: give the folder holding the CT volumes, a splits .json or a "
+            "datalist .csv."
+        )
+    if not d.is_dir() and not csv_list:
         raise BundleInputError(f"dataset_dir {d} does not exist; pass the folder holding the CT volumes and labels.")
-    if (d / "splits.json").is_file():
+    if not csv_list and (d / "splits.json").is_file():
         return str(d / "splits.json")
     from pipelines import datalist
 
@@ -118,6 +133,45 @@ def _resolve_split_path(
     return str(out)
 
 
+def entry_path(value: str | os.PathLike, splits_file: str | os.PathLike) -> str:
+    """THE resolution of a path listed in a splits JSON: absolute as it is, relative to the JSON's own folder.
+
+    Never relative to the working directory (a split next to its data would otherwise read "does not exist" from
+    one folder and silently another dataset's ``case_*`` files from another).
+
+    Args:
+        value: an ``image``/``label`` entry.
+        splits_file: the JSON that lists it.
+
+    Returns:
+        the absolute path as a string.
+    """
+    p = Path(str(value).removeprefix("./")).expanduser()
+    return str(p if p.is_absolute() else Path(splits_file).resolve().parent / p)
+
+
+def split_entries(splits_file: str | os.PathLike, section: str) -> list[dict]:
+    """The entries of one section of a splits JSON, ``image``/``label`` resolved by :func:`entry_path`.
+
+    Raises:
+        BundleInputError: the file cannot be read as a splits JSON.
+    """
+    try:
+        data = json.loads(Path(splits_file).read_text())
+    except (OSError, ValueError) as e:
+        raise BundleInputError(f"cannot read the splits file {splits_file} ({e}).") from e
+    if not isinstance(data, dict):
+        raise BundleInputError(f"{splits_file} is not a splits JSON (expected {{'training': [...], ...}}).")
+    out = []
+    for entry in data.get(section) or []:
+        item = dict(entry) if isinstance(entry, dict) else {"image": entry}
+        for key in ("image", "label"):
+            if item.get(key):
+                item[key] = entry_path(item[key], splits_file)
+        out.append(item)
+    return out
+
+
 def load_split(splits_file: str | os.PathLike, section: str | Sequence[str], labelled: bool = True) -> list[dict]:
     """Entries of one split section (the first usable of ``section`` when a list is given).
 
@@ -136,7 +190,7 @@ def load_split(splits_file: str | os.PathLike, section: str | Sequence[str], lab
     """
     data = json.loads(Path(splits_file).read_text())
     for s in [section] if isinstance(section, str) else list(section):
-        entries = [{k: v for k, v in e.items() if k in ("image", "label")} for e in data.get(s) or []]
+        entries = [{k: v for k, v in e.items() if k in ("image", "label")} for e in split_entries(splits_file, s)]
         kept = [e for e in entries if e.get("label")] if labelled else entries
         if len(kept) < len(entries):
             logger.warning("%s: %d of %d entries in %r have no label and are left out", splits_file, len(entries) - len(kept), len(entries), s)
@@ -144,6 +198,63 @@ def load_split(splits_file: str | os.PathLike, section: str | Sequence[str], lab
             return kept
     what = "labelled entries" if labelled else "entries"
     raise BundleInputError(f"{splits_file} has no {what} in {section!r}; sections present: {[k for k in data if k != 'meta']}.")
+
+
+def _evaluated(splits_file: str | os.PathLike, sections: Sequence[str]) -> tuple[str, list[dict]]:
+    """The section :func:`load_split` evaluates (the first with labelled entries) and its entries."""
+    for s in sections:
+        entries = [e for e in split_entries(splits_file, s) if e.get("label")]
+        if entries:
+            return s, entries
+    return "", []
+
+
+def check_eval_split(splits_file: str, checkpoint: str | os.PathLike, sections: str | Sequence[str]) -> str:
+    """Evaluation never scores a case the checkpoint was trained or selected on.
+
+    The split a checkpoint was trained on lies beside it (``splits.json``, copied by the trainer). When the split
+    evaluated now is another file (the dataset folder gained cases, so the split was recomputed; another
+    ``--splits_file``), every evaluated case that the checkpoint's split puts in another section (``training``,
+    or ``validation`` when ``test`` is evaluated) is a leak: refused, naming the cases and the recorded split.
+    A changed split without such a case is evaluated, with a warning.
+
+    Args:
+        splits_file: the split evaluation resolved (:func:`resolve_splits`).
+        checkpoint: the evaluated checkpoint.
+        sections: the sections evaluated (the first labelled one is used).
+
+    Returns:
+        ``splits_file`` (so the bundle config chains it).
+
+    Raises:
+        BundleInputError: evaluated cases that moved from another section of the checkpoint's split.
+    """
+    from pipelines.engine.checkpoint import sidecar
+    from pipelines.engine.tracking import file_sha256
+
+    recorded = sidecar(checkpoint, "splits.json")
+    if not Path(recorded).is_file() or Path(recorded).resolve() == Path(splits_file).resolve():
+        return splits_file
+    if file_sha256(recorded) == file_sha256(splits_file):
+        return splits_file
+    section, entries = _evaluated(splits_file, [sections] if isinstance(sections, str) else list(sections))
+    before = {
+        os.path.realpath(e["image"]): (name, str(e.get("case") or Path(e["image"]).name.split(".")[0]))
+        for name in SPLIT_NAMES
+        for e in split_entries(recorded, name)
+    }
+    moved = [(before[k][1], before[k][0]) for e in entries if (k := os.path.realpath(e["image"])) in before and before[k][0] != section]
+    if moved:
+        listed = ", ".join(f"{case} (was {name})" for case, name in moved[:5]) + (", ..." if len(moved) > 5 else "")
+        raise BundleInputError(
+            f"the split {splits_file} differs from the one {checkpoint} was trained on ({recorded}): {len(moved)} case(s) "
+            f"evaluated as {section!r} were not {section!r} there: {listed}. Evaluate with --splits_file {recorded}."
+        )
+    logger.warning(
+        "the split %s differs from the one %s was trained on (%s); no evaluated case was a training or validation case "
+        "there", splits_file, checkpoint, recorded,
+    )  # fmt: skip
+    return splits_file
 
 
 def volumes_per_batch(batch_size: int, samples_per_volume: int) -> int:

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def _np_dsc(p, g):
     s = p.sum() + g.sum()
-    return 1.0 if s == 0 else 2.0 * np.logical_and(p, g).sum() / s
+    return math.nan if s == 0 else 2.0 * np.logical_and(p, g).sum() / s  # 0/0: undefined
 
 
 def _np_rvd(p, g):

@@ -149,19 +149,31 @@ def case_outcome(tests: Sequence[str], outcomes: dict[str, str]) -> str:
     return "handled" if "passed" in matched else "uncovered"
 
 
+#: the registries whose table ends a run of the folder: (title, module)
+REGISTRIES: tuple[tuple[str, str], ...] = (
+    ("issue 12: listed faults (tests/reliability/issue12_cases.py)", "tests.reliability.issue12_cases"),
+    ("issue 19: second probe (tests/reliability/issue19_cases.py)", "tests.reliability.issue19_cases"),
+)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    """After a run of the whole folder: issue 12's listed cases per class, handled / failing / uncovered."""
-    from tests.reliability.issue12_cases import CASES, CLASSES, EXTRA
+    """After a run of the whole folder: each registry's listed cases per class, handled / failing / uncovered."""
+    import importlib
 
     files = {p.name for p in _FOLDER.glob("test_*.py")}
     if not files or not files <= {node.split("::")[0] for node in _OUTCOMES}:
         return  # a subset of the folder ran: the table would count cases as uncovered that were only not run
-    tr = terminalreporter
-    tr.section("issue 12: listed faults (tests/reliability/issue12_cases.py)")
+    for title, module in REGISTRIES:
+        registry = importlib.import_module(module)
+        _registry_table(terminalreporter, title, registry.CLASSES, registry.CASES, registry.EXTRA)
+
+
+def _registry_table(tr, title: str, classes: dict[str, str], cases_all: Sequence, extra: Sequence) -> None:
+    tr.section(title)
     tr.write_line(f"{'class':<16}{'listed':>7}{'handled':>9}{'failing':>9}{'uncovered':>11}   tests passed/failed/skipped")
     bad: dict[str, int] = {}
-    for kind in CLASSES:
-        cases = [c for c in CASES if c.kind == kind]
+    for kind in classes:
+        cases = [c for c in cases_all if c.kind == kind]
         states = [case_outcome(c.tests, _OUTCOMES) for c in cases]
         nodes = {n: o for n, o in _OUTCOMES.items() if any(n.startswith(t) for c in cases for t in c.tests)}
         counts = "/".join(str(sum(o == s for o in nodes.values())) for s in ("passed", "failed", "skipped"))
@@ -173,6 +185,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         for case, state in zip(cases, states):
             if state != "handled":
                 tr.write_line(f"  {case.key} {state}: {case.reported}")
-    tr.write_line("outcome: " + ", ".join(f"{bad[k]} {CLASSES[k]}" for k in CLASSES) + " (listed cases not handled)")
-    for case in EXTRA:
+    tr.write_line("outcome: " + ", ".join(f"{bad[k]} {classes[k]}" for k in classes) + " (listed cases not handled)")
+    for case in extra:
         tr.write_line(f"{case.key} {case.reported}: {case_outcome(case.tests, _OUTCOMES)}")

@@ -76,9 +76,10 @@ def test_synthesize_on_a_full_disk_leaves_nothing_partial(source, folder, small_
             synthesize_from_labels(tmp_path / "labels", out, cases=1, size=64)
     else:
         argv = ["--task", "kits", "--cases", "8", "--size", "64", "--out", str(out)]
-        if folder == "existing":
-            out.mkdir()
-            (out / "notes.txt").write_text("the user's notes")
+        if folder == "existing":  # an earlier synthesize run (a folder synthesize did not create is refused: issue 19)
+            from pipelines.synthesize import synthesize
+
+            synthesize("kits", cases=1, size=64, out=out)
     _fill(small_disk)
     before = snapshot(small_disk, tmp_path / "labels") if source == "from_labels" else snapshot(small_disk)
     with pytest.raises(SystemExit) as exc:
@@ -95,9 +96,9 @@ def test_synthesize_on_a_full_disk_leaves_nothing_partial(source, folder, small_
 @pytest.mark.parametrize("fails_at", ["case_00001/segmentation.nii.gz", "dataset.json"])
 def test_synthesize_write_error_without_a_small_disk(fails_at, tmp_path, monkeypatch, capsys):
     """The same guarantee where no tmpfs can be mounted: the write of ``fails_at`` raises ENOSPC (as a full disk
-    does); the run's earlier cases are removed, the user's file beside them is kept."""
+    does); the run's new cases are removed, an earlier synthesize run's case and dataset.json are kept."""
     import pipelines.engine.atomic as atomic
-    from pipelines.synthesize import main
+    from pipelines.synthesize import main, synthesize
 
     real_replace = os.replace
 
@@ -106,10 +107,9 @@ def test_synthesize_write_error_without_a_small_disk(fails_at, tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(atomic.os, "replace", replace)
     out = tmp_path / "cohort"
-    out.mkdir()
-    (out / "notes.txt").write_text("the user's notes")
+    synthesize("kits", cases=1, size=32, out=out)  # a folder synthesize did not create is refused (issue 19)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as exc:
         main(["--task", "kits", "--cases", "3", "--size", "32", "--out", str(out)])

@@ -78,8 +78,9 @@ def test_load_split_skips_unlabelled_entries(tmp_path):
         "test": [{"image": "t1.nii"}, {"image": "t2.nii"}],
         "validation": [{"image": "v1.nii", "label": "l1.nii"}, {"image": "v2.nii"}],
     }))
-    assert load_split(s, ["test", "validation"]) == [{"image": "v1.nii", "label": "l1.nii"}]
-    assert [e["image"] for e in load_split(s, "test", labelled=False)] == ["t1.nii", "t2.nii"]
+    # relative entries are relative to the JSON's folder (pipelines.engine.entry_path), never the working directory
+    assert load_split(s, ["test", "validation"]) == [{"image": str(tmp_path / "v1.nii"), "label": str(tmp_path / "l1.nii")}]
+    assert [e["image"] for e in load_split(s, "test", labelled=False)] == [str(tmp_path / "t1.nii"), str(tmp_path / "t2.nii")]
     with pytest.raises(BundleInputError, match="no labelled entries"):
         load_split(s, "test")
 

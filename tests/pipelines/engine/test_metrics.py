@@ -59,8 +59,8 @@ def test_edge_cases_empty_gt():
     z = torch.zeros(1, 1, 8, 8, 4)
     some = z.clone()
     some[..., 2, 2, 1] = 2
-    # empty GT, empty prediction: DSC 1, RVD undefined
-    assert RegionMetric("dsc")(z, z).item() == 1.0
+    # empty GT, empty prediction: DSC and RVD undefined (0/0; issue 19: never a perfect 1.0 for model selection)
+    assert math.isnan(RegionMetric("dsc")(z, z).item())
     assert math.isnan(RegionMetric("rvd")(z, z).item())
     # empty GT with a prediction: DSC 0, RVD undefined
     assert RegionMetric("dsc")(some, z).item() == 0.0
