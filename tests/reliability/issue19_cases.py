@@ -3,17 +3,15 @@
 Counted as issue 12's registry is (``conftest.pytest_terminal_summary``, ``conftest.case_outcome``): a fault is handled
 only when one of its tests passed and none failed; a fault none of whose tests ran counts against the outcome.
 Patterns are node ids relative to ``tests/reliability/``, matched by prefix.
-
-Faults another change implements (inference inputs: NaN / non-HU / 1e30 voxels, label maps detected by content, a
-corrected label map never overwritten) are mapped to that change's test file, ``test_inference_inputs.py``
-(:data:`PENDING_FILES`): until it is merged they show as uncovered, never as handled.
+The inference-input faults (NaN / non-HU / 1e30 voxels, label maps by name and content, a corrected label map never
+overwritten) are injected by ``test_inference_inputs.py`` (issue 17's guards).
 """
 
 from __future__ import annotations
 
 from tests.reliability.issue12_cases import Case
 
-__all__ = ["CLASSES", "CASES", "EXTRA", "PENDING_FILES"]
+__all__ = ["CLASSES", "CASES", "EXTRA"]
 
 #: the issue's classes, in its order, with the outcome a failing case means
 CLASSES: dict[str, str] = {
@@ -23,9 +21,6 @@ CLASSES: dict[str, str] = {
     "silently wrong": "silently wrong",
     "raw traceback": "raw tracebacks / misleading messages",
 }
-
-#: test files of another branch that some cases are mapped to (absent here until merged)
-PENDING_FILES: frozenset[str] = frozenset({"test_inference_inputs.py"})
 
 _CE, _SI, _IL = "test_code_execution.py::", "test_split_integrity.py::", "test_identifier_leaks.py::"
 _SW, _OL, _II = "test_silently_wrong.py::", "test_one_line_errors.py::", "test_inference_inputs.py::"
@@ -44,7 +39,7 @@ CASES: tuple[Case, ...] = (
     Case("D3", "data lost", "a .lock symlink in output_dir: the user's file overwritten with the pid",
          (f"{_SI}test_training_output_dir_with_symlinks_never_writes_through_them", f"{_SI}test_atomic_writes_never_replace_a_symlink")),
     Case("D4", "data lost", "evaluation after cases were added: a training case evaluated as test", (f"{_SI}test_evaluation_after_cases_were_added_never_scores_a_training_case",)),
-    Case("D5", "data lost", "inference re-run overwrote a corrected label map", (_II,)),
+    Case("D5", "data lost", "inference re-run overwrote a corrected label map", (f"{_II}test_rerun_overwrites_only_an_unchanged_prediction",)),
     Case("D6", "data lost", "synthesize --out an existing dataset overwrote real cases", (f"{_SI}test_synthesize_refuses_a_non_empty_folder_it_did_not_create",)),
     # ---------------------------------------------------------------- identifier leaks
     Case("L1", "identifier leak", "dicom_to_nifti put the SeriesDescription into the file name and the log", (f"{_IL}test_dicom_to_nifti_names_and_logs_carry_no_free_text_field",)),
@@ -53,8 +48,10 @@ CASES: tuple[Case, ...] = (
     Case("S1", "silently wrong", "a NaN voxel with --check_data false: NaN best.pt logged as the model",
          (f"{_SW}test_nan_loss_stops_at_the_first_batch_naming_its_cases_before_the_weights_change", f"{_SW}test_training_on_a_nan_voxel_exits_non_zero_and_saves_no_nan_model")),
     Case("S2", "silently wrong", "no tumor anywhere: tumor DSC 1.0 (empty vs empty) selected the checkpoint", (f"{_SW}test_empty_vs_empty_tumor_dsc_is_undefined_and_never_selects_a_checkpoint",)),
-    Case("S3", "silently wrong", "inference on NaN, non-HU (0..1905) or 1e30 volumes without a warning", (_II,)),
-    Case("S4", "silently wrong", "inference segmented *_mask/*_seg/*_label label maps as CT", (_II,)),
+    Case("S3", "silently wrong", "inference on NaN, non-HU (0..1905) or 1e30 volumes without a warning",
+         (f"{_II}test_nan_voxels_are_refused", f"{_II}test_inf_voxels_are_refused", f"{_II}test_unsigned_volume_without_rescale_is_not_hu", f"{_II}test_1e30_voxels_are_refused")),
+    Case("S4", "silently wrong", "inference segmented *_mask/*_seg/*_label label maps as CT",
+         (f"{_II}test_label_map_by_name", f"{_II}test_label_map_in_labelsTr_folder_is_refused", f"{_II}test_label_map_by_content")),
     Case("S5", "silently wrong", "evaluation of patXX/ct.nii.gz: one prediction file, three rows named ct", (f"{_SW}test_evaluation_files_sharing_a_name_get_unique_case_ids_and_prediction_files",)),
     Case("S6", "silently wrong", "a student checkpoint evaluated with the teacher's evaluate.yaml, tracked as the teacher", (f"{_OL}test_evaluating_a_checkpoint_with_another_roles_config_is_refused",)),
     Case("S7", "silently wrong", "check_dataset: imaging.nii next to imaging.nii.gz, one picked silently", (f"{_SW}test_check_dataset_refuses_imaging_nii_next_to_imaging_nii_gz",)),

@@ -1,5 +1,5 @@
-"""The registry of issue 19's faults (``issue19_cases.py``) names real tests of this folder (or of the pending
-``test_inference_inputs.py``), covers every class, and keys are unique."""
+"""The registry of issue 19's faults (``issue19_cases.py``) names real tests of this folder, covers every class, and
+keys are unique."""
 
 from __future__ import annotations
 
@@ -7,17 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.issue19_cases import CASES, CLASSES, EXTRA, PENDING_FILES
+from tests.reliability.issue19_cases import CASES, CLASSES, EXTRA
 
 
 def test_every_pattern_names_a_collected_test(request):
-    """A renamed or removed test would leave its case uncovered: every pattern must match a test of this folder
-    (patterns into a pending file are checked once that file exists)."""
+    """A renamed or removed test would leave its case uncovered: every pattern must match a test of this folder."""
     nodes = {item.nodeid.partition("reliability/")[2] for item in request.session.items}
     files = {p.name for p in Path(__file__).parent.glob("test_*.py")}
     if not files <= {n.split("::")[0] for n in nodes}:
         pytest.skip("only part of tests/reliability was collected")
-    pending = {f for f in PENDING_FILES if f not in files}
     deselected = bool(request.config.getoption("markexpr", ""))  # e.g. -m "not slow": check those by their source
 
     def defined(pattern: str) -> bool:
@@ -26,7 +24,7 @@ def test_every_pattern_names_a_collected_test(request):
 
     stale = [
         (c.key, t) for c in (*CASES, *EXTRA) for t in c.tests
-        if t.split("::")[0] not in pending and not any(n.startswith(t) for n in nodes) and not defined(t)
+        if not any(n.startswith(t) for n in nodes) and not defined(t)
     ]  # fmt: skip
     assert stale == []
     keys = [c.key for c in (*CASES, *EXTRA)]
