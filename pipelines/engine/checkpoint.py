@@ -445,7 +445,7 @@ def _read_run_id(path: Path) -> str:
         return ""
 
 
-def checkpoint_run_id(path: str | os.PathLike) -> str:
+def checkpoint_run_id(path: str | os.PathLike, settings: Mapping[str, Any] | None = None) -> str:
     """The MLflow run id of the training that wrote a checkpoint.
 
     Read from the checkpoint's ``settings["mlflow_run_id"]``; for a checkpoint written before that was recorded,
@@ -453,6 +453,8 @@ def checkpoint_run_id(path: str | os.PathLike) -> str:
 
     Args:
         path: the checkpoint.
+        settings: its settings when already read (an exported bundle's come from ``metadata.json``: its
+            ``models/model.pt`` is a plain state dict); None reads them from the checkpoint.
 
     Returns:
         the run id, ``""`` when none is recorded.
@@ -460,7 +462,7 @@ def checkpoint_run_id(path: str | os.PathLike) -> str:
     Raises:
         BundleInputError: a missing or unloadable checkpoint.
     """
-    run_id = str(checkpoint_settings(path).get("mlflow_run_id") or "")
+    run_id = str((checkpoint_settings(path) if settings is None else settings).get("mlflow_run_id") or "")
     return run_id or _read_run_id(Path(path).parent / RUN_ID_FILE)
 
 

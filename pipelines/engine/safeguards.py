@@ -207,7 +207,7 @@ def model_provenance(checkpoint: str | os.PathLike, settings: Mapping[str, Any] 
     return {
         "model_role": str(settings.get("role") or ""),
         "checkpoint_sha256": file_sha256(checkpoint),
-        "training_run_id": str(settings.get("mlflow_run_id") or checkpoint_run_id(checkpoint) or ""),
+        "training_run_id": checkpoint_run_id(checkpoint, settings),
         "plan": json.dumps(plan, sort_keys=True, separators=(",", ":")) if plan else "",
         "ctdistill_version": _version(),
         "git_commit": commit + ("-dirty" if dirty == "true" else ""),
@@ -232,11 +232,17 @@ def warn_untrained_model(checkpoint: str | os.PathLike, key_metric: str = "dsc_t
         key_metric: the metric ``best_metric`` holds (the bundles select ``best.pt`` by ``dsc_tumor``).
 
     Returns:
-        True when the warning was given.
-    """
-    from pipelines.engine.checkpoint import load_checkpoint
+        True when the warning was given. False too for released weights (an exported bundle's ``models/model.pt`` is
+        a plain state dict: its validation scores are in ``configs/metadata.json``).
 
-    ckpt = load_checkpoint(checkpoint)
+    Raises:
+        BundleInputError: a missing or unloadable file.
+    """
+    from pipelines.engine.checkpoint import load_torch_file
+
+    ckpt = load_torch_file(checkpoint, "checkpoint")
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        return False
     if ((ckpt.get("settings") or {}).get("preprocessing") or {}).get("spatial_dims") is None:
         return False  # not a CT segmentation model (the polyp role): no tumor DSC recorded
     best = ckpt.get("best_metric")
