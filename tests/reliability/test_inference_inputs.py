@@ -196,3 +196,24 @@ def test_rerun_overwrites_only_an_unchanged_prediction(tmp_path):
     write_nifti(tmp_path / "in" / "case7.nii.gz", _ct())
     with pytest.raises(ValueError, match="content changed"):
         discover_inputs(tmp_path / "in", tmp_path / "out")
+
+
+def test_model_whose_validation_tumor_dsc_is_zero_warns_at_load(tmp_path, caplog):
+    """Issue 17: a checkpoint that never segmented a tumor in validation (best_metric 0) warns; a trained one and
+    released weights (a plain state dict, as in an exported bundle) do not."""
+    import torch
+
+    from pipelines.engine.safeguards import warn_untrained_model
+
+    settings = {"preprocessing": {"spatial_dims": 2}}
+    zero, good, plain = tmp_path / "zero.pt", tmp_path / "good.pt", tmp_path / "plain.pt"
+    torch.save({"model": {}, "settings": settings, "best_metric": 0.0}, zero)
+    torch.save({"model": {}, "settings": settings, "best_metric": 0.42}, good)
+    torch.save({"w": torch.zeros(2)}, plain)
+    with caplog.at_level("WARNING"):
+        assert warn_untrained_model(zero) is True
+    assert "never segmented a tumor" in caplog.text and "zero.pt" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert warn_untrained_model(good) is False and warn_untrained_model(plain) is False
+    assert caplog.text == ""
