@@ -385,11 +385,10 @@ def validate_knobs(**knobs: Any) -> bool:
                 "http(s)://<server> or a folder."
             )
     data = values.get("dataset_dir")
-    if data and isinstance(data, (str, os.PathLike)) and Path(data).is_file() and Path(data).suffix.lower() not in (".json", ".csv"):
-        raise ValueError(
-            f"--dataset_dir {data} is a file, not a dataset: give the folder holding the CT volumes, a splits .json "
-            "or a datalist .csv."
-        )
+    if data and isinstance(data, (str, os.PathLike)):
+        from pipelines.engine.splits import refuse_dataset_file
+
+        refuse_dataset_file(data, "--dataset_dir")
     crops = values.get("batch_size"), values.get("samples_per_volume")
     if all(c is not None for c in crops):
         per_step = max(1, crops[0] // crops[1]) * crops[1]
