@@ -323,8 +323,9 @@ def discover_inputs(
                 f"{target} exists and no earlier inference into {out} wrote it (its {VOLUMES_CSV} does not list it): "
                 "refusing to overwrite it; choose an empty --output_dir."
             )
-        if name in previous and modified_output(target, previous[name]):
-            raise ValueError(modified_output(target, previous[name]))
+        changed = modified_output(target, previous[name]) if name in previous else ""
+        if changed:  # hashed once: the message is the verdict
+            raise ValueError(changed)
     from pipelines.engine.plan import spacing_outside_plan
 
     for p in images:
