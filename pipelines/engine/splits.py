@@ -246,6 +246,7 @@ def check_eval_split(splits_file: str, checkpoint: str | os.PathLike, sections: 
         BundleInputError: evaluated cases that moved from another section of the checkpoint's split.
     """
     from pipelines.engine.checkpoint import sidecar
+    from pipelines.engine.metrics import case_id
     from pipelines.engine.tracking import file_sha256
 
     recorded = sidecar(checkpoint, "splits.json")
@@ -255,7 +256,7 @@ def check_eval_split(splits_file: str, checkpoint: str | os.PathLike, sections: 
         return splits_file
     section, entries = _evaluated(splits_file, [sections] if isinstance(sections, str) else list(sections))
     before = {
-        os.path.realpath(e["image"]): (name, str(e.get("case") or Path(e["image"]).name.split(".")[0]))
+        os.path.realpath(e["image"]): (name, str(e.get("case") or case_id(e["image"])))
         for name in SPLIT_NAMES
         for e in split_entries(recorded, name)
     }
