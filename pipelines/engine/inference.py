@@ -53,8 +53,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-#: volumes.csv: volumes, what the label values mean (``labels``, e.g. ``0=background;1=kidney;2=kidney tumor``), per-kidney volumes (KiTS-type labels), the plausibility flag and its reason, where the model
-#: came from (``pipelines.engine.safeguards.PROVENANCE_COLUMNS``), the written label map's sha256, and the file (last)
+#: volumes.csv: volumes, what the label values mean (``labels``, e.g. ``0=background;1=kidney;2=kidney tumor``),
+#: per-kidney volumes (KiTS-type labels), the plausibility flag and its reason, where the model came from
+#: (``pipelines.engine.safeguards.PROVENANCE_COLUMNS``), the written label map's sha256, and the file (last)
 VOLUME_COLUMNS = (
     "case",
     "organ_ml",
@@ -381,7 +382,8 @@ def convert_dicom(series_dir: str | os.PathLike, target: str | os.PathLike) -> l
 
 
 class WriteLabelMapd(MapTransform):
-    """Write the (inverted) label map of each case as NIfTI, atomically, and record it in ``volumes.csv``.
+    """Write the (inverted) label map of each case (NIfTI and/or DICOM-SEG, ``output_format``), atomically, and record
+    it in ``volumes.csv``.
 
     Expects ``data[key]`` of shape (1, *spatial) holding integer labels in the ORIGINAL geometry (after
     ``Invertd``), as a MetaTensor whose affine is the input's. The file is written to a temporary name in the
@@ -390,8 +392,8 @@ class WriteLabelMapd(MapTransform):
     replaced. After every case ``<output_dir>/volumes.csv`` is rewritten (atomically) with the rows of this run and
     those of earlier runs whose label maps are still there, so a crashed run's outputs stay replaceable.
 
-    Each row also records the left/right kidney volumes (``task="kits"``: connected components, side from the
-    affine), a ``flag`` (``implausible``) with its ``reason`` when the organ or tumor volume lies outside its mL range
+    Each row also records what the label values mean (``labels``, from ``label_names``), the left/right kidney
+    volumes (``task="kits"``: connected components, side from the affine), a ``flag`` (``implausible``) with its ``reason`` when the organ or tumor volume lies outside its mL range
     or no organ was found (also a warning in the log), the model's provenance (``provenance``: role, checkpoint
     sha256, training run, plan, version, commit, date) and the sha256 of the written file: a later run into the same
     folder replaces the file only while its content still has that hash (:func:`modified_output`). The NIfTI
