@@ -207,16 +207,20 @@ def check_input_volume(path: str | os.PathLike) -> None:
         path: a NIfTI file.
 
     Raises:
-        ValueError: naming the file: it cannot be read, is 2D or 4D, its spacing is zero / invented
-            (see ``pipelines.check_dataset.spacing_problems``), or it is not a CT volume.
+        ValueError: naming the file: it cannot be read, is not one scalar per voxel (RGB,
+            ``pipelines.check_dataset.dtype_problem``), is 2D or 4D, its spacing is zero / invented (see
+            ``pipelines.check_dataset.spacing_problems``), or it is not a CT volume.
     """
-    from pipelines.check_dataset import spacing_problems
+    from pipelines.check_dataset import dtype_problem, spacing_problems
 
     p = Path(path)
     try:
         image = nib.load(str(p))
     except Exception as e:  # noqa: BLE001 - any reader failure is one clear message naming the file
         raise ValueError(f"input {p} cannot be read as NIfTI ({type(e).__name__}: {e}); fix it or remove it from --input_dir.") from e
+    bad_dtype = dtype_problem(p, image, "the image")
+    if bad_dtype is not None:
+        raise ValueError(f"input {p}: {bad_dtype.message}.")
     shape = tuple(int(v) for v in image.shape)
     if len(shape) < 3:
         raise ValueError(f"input {p} is {len(shape)}D (shape {shape}); inference segments 3D CT volumes.")
