@@ -13,6 +13,11 @@ On such a command line :func:`check_cli` also installs :func:`report_project_err
 the project raised (a ``BundleInputError``, or a ``ValueError``/``OSError`` raised in this repository's code), which
 MONAI wraps in its "Failed to evaluate ConfigExpression" traceback, is printed first as ``ERROR: <message>``, and the
 traceback only with ``CTDISTILL_TRACEBACK=1``. Other errors keep Python's traceback.
+
+The knob VALUES are checked next: :func:`validate_knobs` (every training entry's second step: numbers, dicts,
+``tracking_uri``, ``dataset_dir``, one crop per step with BatchNorm) and, for the KD roles, :func:`kd_options`
+(``--kd_mask``, ``--kd_balance``, ``--kd_balance_ratio``, ``--baseline_ckpt``); each stops with one line naming the
+knob before any long work.
 """
 
 from __future__ import annotations
