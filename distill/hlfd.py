@@ -43,7 +43,7 @@ from torch import nn
 from distill.attention import attention_distance, resize_to
 from distill.connectors import conv1x1, conv1x1_list
 from distill.kl import pixel_kl, tempered_probs, unified_probs
-from distill.mask import check_kd_mask
+from distill.mask import check_kd_mask, teacher_correct
 from distill.method import Features, KDMethod
 from distill.plan import Role, TapPlan
 
@@ -140,7 +140,8 @@ class IPDLoss(nn.Module):
         if len(student_logits) == 0:
             raise ValueError("IPDLoss needs at least one student map.")
         p_t = tempered_probs(teacher_final, self.temperature)
-        return torch.stack([pixel_kl(s, p_t, self.temperature, labels, self.kd_mask) for s in student_logits]).mean()
+        correct = teacher_correct(p_t, labels) if self.kd_mask == "teacher_correct" else None  # once for every head
+        return torch.stack([pixel_kl(s, p_t, self.temperature, labels, self.kd_mask, correct) for s in student_logits]).mean()
 
 
 class HLFD(KDMethod):

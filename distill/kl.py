@@ -48,6 +48,7 @@ def pixel_kl(
     temperature: float = 1.0,
     labels: torch.Tensor | None = None,
     kd_mask: str = "none",
+    correct: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``T^2 * mean_{b, pixels} KL(p_t || softmax(s / T))``; student logits resized to the teacher's size.
 
@@ -58,6 +59,8 @@ def pixel_kl(
         labels: ``(B, 1, *S)`` labels, needed for ``kd_mask="teacher_correct"``.
         kd_mask: ``"none"`` (mean over all pixels) or ``"teacher_correct"`` (``distill.mask.pixel_mean``: only pixels
             where the teacher's argmax equals the label, averaged per label class, then over classes).
+        correct: ``distill.mask.teacher_correct(teacher_probs, labels)`` when already computed (several student maps
+            against one teacher map); None computes it.
 
     Returns:
         scalar tensor, 0 when the tempered student probabilities equal ``teacher_probs``.
@@ -72,4 +75,4 @@ def pixel_kl(
         )
     log_q = F.log_softmax(resize_to(student_logits, teacher_probs.shape[2:]) / temperature, dim=1)
     kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_q).sum(dim=1)
-    return pixel_mean(kl, teacher_probs, labels, kd_mask) * (temperature**2)
+    return pixel_mean(kl, teacher_probs, labels, kd_mask, correct) * (temperature**2)

@@ -90,7 +90,11 @@ def class_balanced_mean(values: torch.Tensor, label_map: torch.Tensor, keep: tor
 
 
 def pixel_mean(
-    values: torch.Tensor, teacher_scores: torch.Tensor, labels: torch.Tensor | None, kd_mask: str = "none"
+    values: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    labels: torch.Tensor | None,
+    kd_mask: str = "none",
+    correct: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Reduce per-pixel values of a distillation term to a scalar under ``kd_mask``.
 
@@ -99,6 +103,8 @@ def pixel_mean(
         teacher_scores: the distilled teacher map ``(B, K, *S)`` (its argmax decides which pixels the teacher gets right).
         labels: ``(B, 1, *S_l)`` labels; required for ``"teacher_correct"``.
         kd_mask: ``"none"`` (plain mean) or ``"teacher_correct"`` (class-balanced mean over teacher-correct pixels).
+        correct: :func:`teacher_correct` of ``teacher_scores`` and ``labels`` when the caller already has it (several
+            terms on one teacher map); None computes it.
 
     Returns:
         scalar tensor.
@@ -108,5 +114,5 @@ def pixel_mean(
     """
     if check_kd_mask(kd_mask) == "none":
         return values.mean()
-    keep, lab = teacher_correct(teacher_scores, labels)
+    keep, lab = teacher_correct(teacher_scores, labels) if correct is None else correct
     return class_balanced_mean(values, lab, keep)

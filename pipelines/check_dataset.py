@@ -43,6 +43,7 @@ __all__ = [
     "CT_MAX_PLAUSIBLE",
     "Problem",
     "spacing_problems",
+    "dtype_problem",
     "image_problems",
     "check_dataset",
     "main",
@@ -167,17 +168,34 @@ def _load(path: Path, what: str, problems: list[Problem]) -> nib.spatialimages.S
         problems.append(Problem("error", str(path), f"{what} cannot be read ({type(err).__name__}: {err})"))
         return None
     shape = image.shape
-    dtype = image.get_data_dtype() if hasattr(image, "get_data_dtype") else None
-    if dtype is not None and (dtype.fields is not None or not np.issubdtype(dtype, np.number)):
-        problems.append(
-            Problem("error", str(path), f"{what} is not one scalar value per voxel (NIfTI dtype {dtype}: RGB/colour?); "
-                    "give a grayscale volume")
-        )  # fmt: skip
+    bad_dtype = dtype_problem(path, image, what)
+    if bad_dtype is not None:
+        problems.append(bad_dtype)
         return None
     if len(shape) < 3 or any(int(s) != 1 for s in shape[3:]):
         problems.append(Problem("error", str(path), f"{what} is not a 3D volume (shape {tuple(shape)})"))
         return None
     return image
+
+
+def dtype_problem(path: str | Path, image: Any, what: str = "image") -> Problem | None:
+    """An image whose voxels are not one number each (an RGB/colour NIfTI: a structured dtype), as an ERROR.
+
+    Used by :func:`check_dataset` and by inference on each input (``pipelines.engine.check_input_volume``).
+
+    Args:
+        path: the file (for the message).
+        image: the loaded image (``nibabel``; its header's data type, no voxel read).
+        what: what the file is, e.g. ``"image"``.
+
+    Returns:
+        the problem, or None for a scalar dtype (or an image without a declared one).
+    """
+    dtype = image.get_data_dtype() if hasattr(image, "get_data_dtype") else None
+    if dtype is not None and (dtype.fields is not None or not np.issubdtype(dtype, np.number)):
+        return Problem("error", str(path), f"{what} is not one scalar value per voxel (NIfTI dtype {dtype}: RGB/colour?); "
+                       "give a grayscale volume")  # fmt: skip
+    return None
 
 
 def _raw_pixdim(path: Path) -> np.ndarray | None:

@@ -53,6 +53,8 @@ from typing import Any
 import torch
 import yaml
 
+from pipelines.engine.config_values import CONFIG_PREFIXES
+
 __all__ = [
     "BUNDLES_DIR",
     "SCHEMA_FILE",
@@ -142,7 +144,7 @@ def _knob(config: Path, key: str, default: Any) -> Any:
         value = (yaml.safe_load(config.read_text()) or {}).get(key, default)
     except (OSError, yaml.YAMLError):
         return default
-    return default if isinstance(value, str) and value.startswith(("$", "%", "@")) else value
+    return default if isinstance(value, str) and value.startswith(CONFIG_PREFIXES) else value
 
 
 def _version(package: str) -> str:

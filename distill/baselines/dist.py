@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.attention import resize_to
-from distill.mask import check_kd_mask, pixel_mean, teacher_correct
+from distill.mask import check_kd_mask, class_balanced_mean, teacher_correct
 from distill.method import Features, KDMethod
 from distill.plan import Role, TapPlan
 
@@ -71,12 +71,15 @@ def dist_relations(
         )
     y_s = F.softmax(resize_to(student_logits, teacher_logits.shape[2:]) / tau, dim=1)
     y_t = F.softmax(teacher_logits / tau, dim=1)
-    inter = pixel_mean(1.0 - pearson(y_s, y_t, dim=1), teacher_logits, labels, kd_mask)
+    per_pixel = 1.0 - pearson(y_s, y_t, dim=1)
     k = y_s.shape[1]
     cols_s, cols_t = y_s.movedim(1, 0).reshape(k, -1), y_t.movedim(1, 0).reshape(k, -1)  # (K, pixels of the batch)
     if check_kd_mask(kd_mask) == "teacher_correct":
-        keep = teacher_correct(teacher_logits, labels)[0].reshape(-1)
-        cols_s, cols_t = cols_s[:, keep], cols_t[:, keep]
+        keep, lab = teacher_correct(teacher_logits, labels)  # once for both terms
+        inter = class_balanced_mean(per_pixel, lab, keep)
+        cols_s, cols_t = cols_s[:, keep.reshape(-1)], cols_t[:, keep.reshape(-1)]
+    else:
+        inter = per_pixel.mean()
     intra = (1.0 - pearson(cols_s, cols_t, dim=1)).mean() if cols_s.shape[1] > 0 else cols_s.sum() * 0.0
     return inter * tau**2, intra * tau**2
 

@@ -436,6 +436,7 @@ class DicomSegWriter:
         send: ``"HOST:PORT AE_TITLE"`` to C-STORE each SEG to, or None.
         organ_label: organ label value.
         tumor_label: tumor label value.
+        scans: ``{folder: [SourceSeries]}`` already scanned (:func:`check_dicom_seg`'s), so no folder is read twice.
     """
 
     def __init__(
@@ -447,6 +448,7 @@ class DicomSegWriter:
         send: str | None = None,
         organ_label: int = 1,
         tumor_label: int = 2,
+        scans: dict[str, list[SourceSeries]] | None = None,
     ) -> None:
         from pipelines.engine.errors import optional_knob
         from pipelines.engine.labels import label_names, organ_of
@@ -457,7 +459,7 @@ class DicomSegWriter:
         reference = optional_knob(dicom_reference)
         self.dicom_reference = Path(reference) if reference is not None else None
         self.send = parse_send(send)
-        self._scans: dict[str, list[SourceSeries]] = {}
+        self._scans: dict[str, list[SourceSeries]] = {} if scans is None else scans
 
     def __call__(self, labels: np.ndarray, affine: np.ndarray, label_map: str | os.PathLike, dicom_dir: str | None = None) -> Path:
         """Write ``<case>.seg.dcm`` for the label map ``label_map`` (written or not) and send it when asked.
@@ -492,16 +494,11 @@ class DicomSegWriter:
 
 def _algorithm(settings: Mapping[str, Any], checkpoint: str | os.PathLike) -> tuple[str, str]:
     """``("ctdistill <role or network>", "<package version> weights <sha256[:12]>")`` of a checkpoint."""
-    from importlib.metadata import PackageNotFoundError, version
-
+    from pipelines.engine.safeguards import ctdistill_version
     from pipelines.engine.tracking import file_sha256
 
-    try:
-        package = version("ctdistill")
-    except PackageNotFoundError:
-        package = "unknown"
     name = f"ctdistill {settings.get('role') or settings.get('network_name') or 'model'}"
-    return name, f"{package} weights {file_sha256(checkpoint)[:12]}"
+    return name, f"{ctdistill_version()} weights {file_sha256(checkpoint)[:12]}"
 
 
 def dicom_seg_writer(
@@ -531,16 +528,23 @@ def dicom_seg_writer(
     Raises:
         ValueError: see :func:`check_dicom_seg`.
     """
+    scans: dict[str, list[SourceSeries]] = {}  # the reference folder is scanned once, by the check, for the writer too
     if inputs is not None:
-        check_dicom_seg(inputs, output_format, dicom_reference, send)
+        check_dicom_seg(inputs, output_format, dicom_reference, send, cache=scans)
     if check_output_format(output_format) == "nifti":
         return None
     task = str((settings.get("preprocessing") or {}).get("task") or "kits")
     name, version = _algorithm(settings, checkpoint)
-    return DicomSegWriter(task, name, version, dicom_reference=dicom_reference, send=send)
+    return DicomSegWriter(task, name, version, dicom_reference=dicom_reference, send=send, scans=scans)
 
 
-def check_dicom_seg(inputs: Sequence[Mapping[str, Any]], output_format: str, dicom_reference: Any = None, send: Any = None) -> bool:
+def check_dicom_seg(
+    inputs: Sequence[Mapping[str, Any]],
+    output_format: str,
+    dicom_reference: Any = None,
+    send: Any = None,
+    cache: dict | None = None,
+) -> bool:
     """Before any inference: the DICOM-SEG knobs fit the inputs.
 
     Args:
@@ -548,6 +552,7 @@ def check_dicom_seg(inputs: Sequence[Mapping[str, Any]], output_format: str, dic
         output_format: ``--output_format``.
         dicom_reference: ``--dicom_reference`` (source series of NIfTI inputs).
         send: ``--send``.
+        cache: ``{folder: [SourceSeries]}`` (:func:`find_source_series`): the scans, kept for the writer.
 
     Returns:
         True.
@@ -576,7 +581,7 @@ def check_dicom_seg(inputs: Sequence[Mapping[str, Any]], output_format: str, dic
     if nifti:
         import nibabel as nib
 
-        cache: dict[str, list[SourceSeries]] = {}
+        cache = {} if cache is None else cache
         for path in nifti:
             image = nib.load(path)
             find_source_series(reference, image.shape, image.affine, what=f"input {path}", cache=cache)

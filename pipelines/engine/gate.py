@@ -30,6 +30,7 @@ from ignite.engine import Engine, Events
 from pipelines.engine.checkpoint import (
     RUN_ID_FILE,
     TrainCheckpointer,
+    _read_run_id,
     atomic_torch_save,
     load_checkpoint,
     load_torch_file,
@@ -154,8 +155,7 @@ class ValidationGate:
         self._log_mlflow(rec)
 
     def _log_mlflow(self, rec: Mapping[str, Any]) -> None:
-        run_file = self.checkpointer.ckpt_dir / RUN_ID_FILE
-        run_id = run_file.read_text().strip() if run_file.is_file() else ""
+        run_id = _read_run_id(self.checkpointer.ckpt_dir / RUN_ID_FILE)  # "" when missing or unreadable
         if not self.tracking_uri or not run_id:
             return
         try:

@@ -116,8 +116,12 @@ class NonFiniteLossStop:
     when it is complete (MONAI's ``IterationEvents.LOSS_COMPLETED``: after the KD terms are added, before
     ``backward``) and again at ``ITERATION_COMPLETED`` (for iteration functions that fire no loss event); it raises
     before anything of that step is saved: ``last.pt``/``best.pt`` keep the last finite epoch, the MLflow run ends
-    FAILED and no model is logged.
+    FAILED and no model is logged. An iteration whose loss was checked at ``LOSS_COMPLETED`` is not checked again
+    (the check reads the loss back from the device).
     """
+
+    def __init__(self) -> None:
+        self._checked = -1  # the iteration whose loss LOSS_COMPLETED checked
 
     def attach(self, engine: Engine) -> None:
         """Register on ``LOSS_COMPLETED`` (when the engine fires it) and ``ITERATION_COMPLETED``."""
@@ -133,6 +137,10 @@ class NonFiniteLossStop:
         Raises:
             BundleInputError: naming the epoch, the iteration, the value and the cases of the batch.
         """
+        if engine.last_event_name == Events.ITERATION_COMPLETED and self._checked == engine.state.iteration:
+            return  # this loss passed at LOSS_COMPLETED
+        if engine.last_event_name != Events.ITERATION_COMPLETED:
+            self._checked = engine.state.iteration
         out = engine.state.output
         item = out[0] if isinstance(out, list) and out else out
         loss = item.get("loss") if isinstance(item, Mapping) else item

@@ -53,8 +53,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-#: volumes.csv: volumes, what the label values mean (``labels``, e.g. ``0=background;1=kidney;2=kidney tumor``), per-kidney volumes (KiTS-type labels), the plausibility flag and its reason, where the model
-#: came from (``pipelines.engine.safeguards.PROVENANCE_COLUMNS``), the written label map's sha256, and the file (last)
+#: volumes.csv: volumes, what the label values mean (``labels``, e.g. ``0=background;1=kidney;2=kidney tumor``),
+#: per-kidney volumes (KiTS-type labels), the plausibility flag and its reason, where the model came from
+#: (``pipelines.engine.safeguards.PROVENANCE_COLUMNS``), the written label map's sha256, and the file (last)
 VOLUME_COLUMNS = (
     "case",
     "organ_ml",
@@ -206,16 +207,20 @@ def check_input_volume(path: str | os.PathLike) -> None:
         path: a NIfTI file.
 
     Raises:
-        ValueError: naming the file: it cannot be read, is 2D or 4D, its spacing is zero / invented
-            (see ``pipelines.check_dataset.spacing_problems``), or it is not a CT volume.
+        ValueError: naming the file: it cannot be read, is not one scalar per voxel (RGB,
+            ``pipelines.check_dataset.dtype_problem``), is 2D or 4D, its spacing is zero / invented (see
+            ``pipelines.check_dataset.spacing_problems``), or it is not a CT volume.
     """
-    from pipelines.check_dataset import spacing_problems
+    from pipelines.check_dataset import dtype_problem, spacing_problems
 
     p = Path(path)
     try:
         image = nib.load(str(p))
     except Exception as e:  # noqa: BLE001 - any reader failure is one clear message naming the file
         raise ValueError(f"input {p} cannot be read as NIfTI ({type(e).__name__}: {e}); fix it or remove it from --input_dir.") from e
+    bad_dtype = dtype_problem(p, image, "the image")
+    if bad_dtype is not None:
+        raise ValueError(f"input {p}: {bad_dtype.message}.")
     shape = tuple(int(v) for v in image.shape)
     if len(shape) < 3:
         raise ValueError(f"input {p} is {len(shape)}D (shape {shape}); inference segments 3D CT volumes.")
@@ -323,8 +328,9 @@ def discover_inputs(
                 f"{target} exists and no earlier inference into {out} wrote it (its {VOLUMES_CSV} does not list it): "
                 "refusing to overwrite it; choose an empty --output_dir."
             )
-        if name in previous and modified_output(target, previous[name]):
-            raise ValueError(modified_output(target, previous[name]))
+        changed = modified_output(target, previous[name]) if name in previous else ""
+        if changed:  # hashed once: the message is the verdict
+            raise ValueError(changed)
     from pipelines.engine.plan import spacing_outside_plan
 
     for p in images:
@@ -380,7 +386,8 @@ def convert_dicom(series_dir: str | os.PathLike, target: str | os.PathLike) -> l
 
 
 class WriteLabelMapd(MapTransform):
-    """Write the (inverted) label map of each case as NIfTI, atomically, and record it in ``volumes.csv``.
+    """Write the (inverted) label map of each case (NIfTI and/or DICOM-SEG, ``output_format``), atomically, and record
+    it in ``volumes.csv``.
 
     Expects ``data[key]`` of shape (1, *spatial) holding integer labels in the ORIGINAL geometry (after
     ``Invertd``), as a MetaTensor whose affine is the input's. The file is written to a temporary name in the
@@ -389,8 +396,8 @@ class WriteLabelMapd(MapTransform):
     replaced. After every case ``<output_dir>/volumes.csv`` is rewritten (atomically) with the rows of this run and
     those of earlier runs whose label maps are still there, so a crashed run's outputs stay replaceable.
 
-    Each row also records the left/right kidney volumes (``task="kits"``: connected components, side from the
-    affine), a ``flag`` (``implausible``) with its ``reason`` when the organ or tumor volume lies outside its mL range
+    Each row also records what the label values mean (``labels``, from ``label_names``), the left/right kidney
+    volumes (``task="kits"``: connected components, side from the affine), a ``flag`` (``implausible``) with its ``reason`` when the organ or tumor volume lies outside its mL range
     or no organ was found (also a warning in the log), the model's provenance (``provenance``: role, checkpoint
     sha256, training run, plan, version, commit, date) and the sha256 of the written file: a later run into the same
     folder replaces the file only while its content still has that hash (:func:`modified_output`). The NIfTI

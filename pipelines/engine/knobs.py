@@ -13,6 +13,11 @@ On such a command line :func:`check_cli` also installs :func:`report_project_err
 the project raised (a ``BundleInputError``, or a ``ValueError``/``OSError`` raised in this repository's code), which
 MONAI wraps in its "Failed to evaluate ConfigExpression" traceback, is printed first as ``ERROR: <message>``, and the
 traceback only with ``CTDISTILL_TRACEBACK=1``. Other errors keep Python's traceback.
+
+The knob VALUES are checked next: :func:`validate_knobs` (every training entry's second step: numbers, dicts,
+``tracking_uri``, ``dataset_dir``, one crop per step with BatchNorm) and, for the KD roles, :func:`kd_options`
+(``--kd_mask``, ``--kd_balance``, ``--kd_balance_ratio``, ``--baseline_ckpt``); each stops with one line naming the
+knob before any long work.
 """
 
 from __future__ import annotations
@@ -385,11 +390,10 @@ def validate_knobs(**knobs: Any) -> bool:
                 "http(s)://<server> or a folder."
             )
     data = values.get("dataset_dir")
-    if data and isinstance(data, (str, os.PathLike)) and Path(data).is_file() and Path(data).suffix.lower() not in (".json", ".csv"):
-        raise ValueError(
-            f"--dataset_dir {data} is a file, not a dataset: give the folder holding the CT volumes, a splits .json "
-            "or a datalist .csv."
-        )
+    if data and isinstance(data, (str, os.PathLike)):
+        from pipelines.engine.splits import refuse_dataset_file
+
+        refuse_dataset_file(data, "--dataset_dir")
     crops = values.get("batch_size"), values.get("samples_per_volume")
     if all(c is not None for c in crops):
         per_step = max(1, crops[0] // crops[1]) * crops[1]

@@ -38,6 +38,7 @@ __all__ = [
     "result_flags",
     "kidney_sides",
     "model_provenance",
+    "ctdistill_version",
     "warn_untrained_model",
 ]
 
@@ -209,13 +210,14 @@ def model_provenance(checkpoint: str | os.PathLike, settings: Mapping[str, Any] 
         "checkpoint_sha256": file_sha256(checkpoint),
         "training_run_id": checkpoint_run_id(checkpoint, settings),
         "plan": json.dumps(plan, sort_keys=True, separators=(",", ":")) if plan else "",
-        "ctdistill_version": _version(),
+        "ctdistill_version": ctdistill_version(),
         "git_commit": commit + ("-dirty" if dirty == "true" else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _version() -> str:
+def ctdistill_version() -> str:
+    """The installed ctdistill package version (``"unknown"`` when it is not installed): provenance and DICOM-SEG."""
     from importlib import metadata
 
     try:

@@ -18,6 +18,7 @@ __all__ = [
     "SPLIT_NAMES",
     "TASK_PRESETS",
     "resolve_splits",
+    "refuse_dataset_file",
     "entry_path",
     "split_entries",
     "load_split",
@@ -98,12 +99,8 @@ def _resolve_split_path(
     d = Path(dataset_dir)
     if d.is_file() and d.suffix == ".json":
         return str(d)
-    csv_list = d.is_file() and d.suffix.lower() == ".csv"  # a datalist CSV (image,label[,split])
-    if d.is_file() and not csv_list:
-        raise BundleInputError(
-            f"dataset_dir {d} is a file, not a dataset: give the folder holding the CT volumes, a splits .json or a "
-            "datalist .csv."
-        )
+    refuse_dataset_file(d)
+    csv_list = d.is_file()  # a datalist CSV (image,label[,split]): the only other file refuse_dataset_file lets by
     if not d.is_dir() and not csv_list:
         raise BundleInputError(f"dataset_dir {d} does not exist; pass the folder holding the CT volumes and labels.")
     if not csv_list and (d / "splits.json").is_file():
@@ -131,6 +128,25 @@ def _resolve_split_path(
     except (ValueError, OSError) as e:
         raise BundleInputError(f"cannot write the split {out}: {e}") from e
     return str(out)
+
+
+def refuse_dataset_file(dataset_dir: str | os.PathLike, knob: str = "dataset_dir") -> None:
+    """THE check that a ``dataset_dir`` which is a file is one the splits can come from: a splits ``.json`` or a
+    datalist ``.csv`` (``image,label[,split]``); a folder, or a path that does not exist, passes (checked later).
+
+    Args:
+        dataset_dir: the knob's value.
+        knob: its name in the message (``--dataset_dir`` on the command line).
+
+    Raises:
+        BundleInputError: any other file (a CT volume, say), naming it.
+    """
+    d = Path(dataset_dir)
+    if d.is_file() and d.suffix != ".json" and d.suffix.lower() != ".csv":
+        raise BundleInputError(
+            f"{knob} {d} is a file, not a dataset: give the folder holding the CT volumes, a splits .json or a "
+            "datalist .csv."
+        )
 
 
 def entry_path(value: str | os.PathLike, splits_file: str | os.PathLike) -> str:
@@ -230,6 +246,7 @@ def check_eval_split(splits_file: str, checkpoint: str | os.PathLike, sections: 
         BundleInputError: evaluated cases that moved from another section of the checkpoint's split.
     """
     from pipelines.engine.checkpoint import sidecar
+    from pipelines.engine.metrics import case_id
     from pipelines.engine.tracking import file_sha256
 
     recorded = sidecar(checkpoint, "splits.json")
@@ -239,7 +256,7 @@ def check_eval_split(splits_file: str, checkpoint: str | os.PathLike, sections: 
         return splits_file
     section, entries = _evaluated(splits_file, [sections] if isinstance(sections, str) else list(sections))
     before = {
-        os.path.realpath(e["image"]): (name, str(e.get("case") or Path(e["image"]).name.split(".")[0]))
+        os.path.realpath(e["image"]): (name, str(e.get("case") or case_id(e["image"])))
         for name in SPLIT_NAMES
         for e in split_entries(recorded, name)
     }

@@ -33,6 +33,8 @@ from typing import Any
 
 from monai.handlers import MLFlowHandler
 
+from pipelines.engine.config_values import CONFIG_PREFIXES
+
 __all__ = [
     "default_tracking_uri",
     "check_tracking_uri",
@@ -180,7 +182,7 @@ def run_params(params: Mapping[str, Any], splits_file: str | os.PathLike | None 
 def _plain(value: Any) -> bool:
     """A knob value: a scalar, or a list/dict of them, with no reference, expression, macro or ``_target_``."""
     if isinstance(value, str):
-        return not value.startswith(("$", "@", "%"))
+        return not value.startswith(CONFIG_PREFIXES)
     if isinstance(value, (list, tuple)):
         return all(_plain(v) for v in value)
     if isinstance(value, dict):

@@ -53,6 +53,14 @@ def test_inf_voxels_are_refused(tmp_path):
     _refused(write_nifti(tmp_path / "inf.nii.gz", data), "inf")
 
 
+def test_rgb_input_is_one_line_naming_it(tmp_path):
+    """An RGB NIfTI (structured voxels) is refused as check_dataset refuses it, not a numpy UFunc traceback."""
+    path = tmp_path / "rgb.nii.gz"
+    rgb = np.zeros((16, 16, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(path))
+    _refused(path, "RGB")
+
+
 def test_unsigned_volume_without_rescale_is_not_hu(tmp_path):
     """A CT stored unsigned 0..1905 whose rescale intercept (-1024) was lost: nothing below -500 HU."""
     rng = np.random.default_rng(1)
