@@ -97,3 +97,40 @@ def test_bundle_knob_reaches_the_network(tmp_path):
     net = parser.get_parsed_content("network_def")
     assert all(torch.equal(net.state_dict()[k], v) for k, v in src.state_dict().items())
     assert parser.get_parsed_content("settings")["init_checkpoint"] == str(path)
+
+
+_CT_ROLES = ("unetpp_teacher", "resnet18_student", "hlfd", "kd_baselines", "transfuse_ct")
+
+
+def _preflight_call(role: str, files: tuple[str, ...], tmp_path: Path, monkeypatch, **overrides) -> dict:
+    """Evaluate the preflight step of ``role``'s training list (config files ``files``) with a recording preflight."""
+    import pipelines.engine
+
+    calls: list[dict] = []
+    monkeypatch.setattr(pipelines.engine, "preflight", lambda splits, **kw: calls.append({"splits": splits, **kw}) or True)
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / role / "configs" / f) for f in files])
+    guard = type("Guard", (), {"resume": True, "last_path": str(tmp_path / "out" / "checkpoints" / "last.pt")})()
+    knobs = {"splits": str(tmp_path / "splits.json"), "run_guard": guard, "network_def": None, "teacher_check": True,
+             "output_dir": str(tmp_path / "out"), "run_tags": {"team": "ct"}, "is_rank0": True, **overrides}  # fmt: skip
+    for key, value in knobs.items():
+        parser[key] = value
+    steps = [i for i, step in enumerate(parser["training"]) if "preflight" in str(step)]
+    assert len(steps) == 1, parser["training"]
+    parser.get_parsed_content(f"training#{steps[0]}")
+    assert len(calls) == 1
+    return calls[0]
+
+
+@pytest.mark.parametrize("role", _CT_ROLES)
+def test_multi_gpu_overlay_runs_the_preflight_of_train_yaml(role, tmp_path, monkeypatch):
+    """Was: multi_gpu_train.yaml called preflight without the MLflow store, --run_tags parent or --resume checks
+    (tracking_uri, run_tags, resume_from). Now every rank runs train.yaml's preflight; integrity only on rank 0."""
+    single = _preflight_call(role, ("train.yaml",), tmp_path, monkeypatch)
+    assert single["resume_from"] == str(tmp_path / "out" / "checkpoints" / "last.pt")
+    assert single["run_tags"] == {"team": "ct"} and single["tracking_uri"] == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert single["check_integrity"] is True and single["output_dir"] == str(tmp_path / "out")
+    multi = ("train.yaml", "multi_gpu_train.yaml")
+    assert _preflight_call(role, multi, tmp_path, monkeypatch) == single
+    other_rank = _preflight_call(role, multi, tmp_path, monkeypatch, is_rank0=False)
+    assert other_rank == {**single, "check_integrity": False}
