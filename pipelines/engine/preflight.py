@@ -24,6 +24,7 @@ __all__ = [
     "preflight",
     "run_check_dataset",
     "check_free_disk",
+    "check_cache",
     "check_teacher_checkpoint",
     "check_checkpoint_role",
     "kd_weights",
@@ -414,9 +415,10 @@ def preflight(
         role: bundle role (for messages).
         check_integrity: run ``pipelines.check_dataset`` on the listed sections' files first.
         sections: split sections the run reads.
-        cache_rate: CacheDataset cache rate (memory check).
-        in_plane_size: in-plane size before the cache (memory estimate).
-        pixdim: resampling spacing before the cache (memory estimate).
+        cache_rate: CacheDataset cache rate (memory check, :func:`check_cache`; the bundles pass 0 here and check the
+            cache with the run's preprocessing plan as the next step).
+        in_plane_size: in-plane resize before the cache (memory estimate without a plan).
+        pixdim: resampling spacing before the cache (memory estimate without a plan).
         teacher_check: the result of :func:`check_teacher_checkpoint` in KD roles (a config reference, so the
             teacher is checked before anything else); ignored otherwise.
         tracking_uri: the MLflow store: a server must answer within seconds, a SQLite file must be a database
@@ -475,10 +477,48 @@ def preflight(
         raise BundleInputError(f"{len(missing)} files listed in {splits_file} do not exist, e.g. {missing[:3]}.")
     if as_bool(check_integrity):
         run_check_dataset(splits_file)
-    if cache_rate > 0:
-        from pipelines.engine.data import estimate_cache
+    check_cache(splits_file, cache_rate, {"pixdim": pixdim, "in_plane_size": in_plane_size}, sections=sections)
+    return True
 
-        est = estimate_cache(entries, cache_rate, pixdim=pixdim, in_plane_size=in_plane_size)
-        if not est.fits:
-            raise BundleInputError(f"the CacheDataset would not fit in memory: {est.message()} (--cache_rate).")
+
+def check_cache(
+    splits_file: str | os.PathLike,
+    cache_rate: float,
+    preprocessing: Mapping[str, Any] | None = None,
+    *,
+    sections: Sequence[str] = ("training", "validation"),
+) -> bool:
+    """The CacheDataset must fit in memory, estimated from the image headers with the preprocessing the run uses.
+
+    With a preprocessing plan (``pipelines.engine.apply_plan``) that is the plan's target spacing and network input
+    (2.5D slices padded up to it, larger ones kept; 3D pads nothing before the cache), not the ``--pixdim`` /
+    ``--in_plane_size`` knobs: a 0.6 mm scan resampled to a 1.2 mm plan caches a quarter of its voxels.
+
+    Args:
+        splits_file: split JSON.
+        cache_rate: the ``--cache_rate`` (0: nothing cached, nothing checked).
+        preprocessing: the ``build_transforms`` keyword arguments (the bundles' ``@preprocessing``): ``pixdim``,
+            ``in_plane_size``, ``in_plane_mode``, ``spatial_dims``; None: no resampling, slices kept.
+        sections: split sections the run caches.
+
+    Returns:
+        True (so it can sit in a bundle's expression list).
+
+    Raises:
+        BundleInputError: the cache would not fit, naming the memory and the ``--cache_rate`` that would.
+    """
+    if float(cache_rate) <= 0:
+        return True
+    from pipelines.engine.data import estimate_cache
+    from pipelines.engine.splits import split_entries
+
+    pre = dict(preprocessing or {})
+    mode = str(pre.get("in_plane_mode") or "resize")
+    size = optional_knob(pre.get("in_plane_size"))
+    if mode == "pad" and int(pre.get("spatial_dims") or 2) == 3:
+        size = None  # the 3D path pads nothing before the cache (its patches are padded after it)
+    entries = [e for s in sections for e in split_entries(splits_file, s)]
+    est = estimate_cache(entries, float(cache_rate), pixdim=optional_knob(pre.get("pixdim")), in_plane_size=size, in_plane_mode=mode)
+    if not est.fits:
+        raise BundleInputError(f"the CacheDataset would not fit in memory: {est.message()} (--cache_rate).")
     return True
