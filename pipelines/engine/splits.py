@@ -169,6 +169,11 @@ def _write_split(
                 f"<the nnU-Net raw dataset folder (imagesTr, labelsTr)> ({d}: {e})."
             ) from e
         raise BundleInputError(f"dataset_dir {d} holds no dataset this product reads: {e}") from e
+    if fold and "nnunet_splits" not in result["meta"]:  # never ignored silently
+        raise BundleInputError(
+            f"--fold {fold} selects a fold of nnU-Net's splits_final.json, and {d} has none: pass it as --splits_file "
+            "(with this --dataset_dir), or leave --fold at 0."
+        )
     text = datalist.datalist_text(result)
     if same_bytes(out, text.encode()):
         logger.info("split %s unchanged (kept as written before)", out)

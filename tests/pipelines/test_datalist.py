@@ -304,4 +304,9 @@ def test_splits_file_that_is_nnunet_splits_final_json_is_resolved_as_a_split(tmp
     other = _nnunet_raw(tmp_path / "other", cases=("kid_001", "kid_002"))
     with pytest.raises(BundleInputError, match=r"names cases the dataset does not hold: \['kid_003'\]"):
         resolve_splits(other, tmp_path / "run2", splits_file=str(final))
-    assert not (tmp_path / "run2" / "splits.json").exists() and final.read_bytes() == given
+    assert final.read_bytes() == given
+    final.unlink()
+    with pytest.raises(BundleInputError, match=r"--fold 1 selects a fold of nnU-Net's splits_final.json, and .* has none"):
+        resolve_splits(raw, tmp_path / "run2", fold=1)  # a dataset without one: --fold is never ignored silently
+    assert not (tmp_path / "run2" / "splits.json").exists()
+    assert Path(resolve_splits(raw, tmp_path / "run2")).is_file()  # fold 0 (the default): the seeded split
