@@ -363,10 +363,13 @@ def _check_store_writable(tracking_uri: str) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         _reserve(folder, need)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise read_only from e
-            raise
+            raise BundleInputError(
+                f"the MLflow store {target} cannot be written ({folder}: {e.strerror or e}); pass a --tracking_uri on a "
+                "disk that works (e.g. sqlite:///<folder you can write>/mlruns.db)."
+            ) from e
         mb = 1 << 20
         raise BundleInputError(
             f"the MLflow store {target} is on a full disk ({shutil.disk_usage(folder).free / mb:.1f} MB free in "
