@@ -382,7 +382,7 @@ def nnunet_splits(path: str | Path, cases: Sequence[dict[str, Any]], fold: int =
     unlabelled cases (``imagesTs``) -> test.
 
     Args:
-        path: the ``splits_final.json`` (found in the dataset folder by :func:`build_datalist`).
+        path: the ``splits_final.json`` (in the dataset folder, or given: :func:`build_datalist`).
         cases: :func:`find_cases` of the dataset (case ids: nnU-Net's, ``<case>`` of ``<case>_0000.nii.gz``).
         fold: the fold to use.
 
@@ -422,21 +422,33 @@ def build_datalist(
     fold: int = 0,
     preset: str | None = None,
     seed: int = 0,
+    nnunet_splits_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Detect the layout of ``source`` and split it (:func:`make_splits`), without writing anything.
 
+    nnU-Net's ``splits_final.json`` gives the split instead (:func:`nnunet_splits`, fold ``fold``): the one given as
+    ``nnunet_splits_file`` (nnU-Net keeps it in ``nnUNet_preprocessed/<dataset>``, away from the raw data), else
+    one in ``source`` itself (unless ``folds`` asks for a new K-fold split).
+
     Returns:
         ``training``, ``validation``, ``test`` [, ``unlabelled``] (absolute paths) and ``meta`` (``created_by`` =
-        :data:`CREATED_BY`, layout, source, seed, split options, declared labels, counts).
+        :data:`CREATED_BY`, layout, source, seed, split options, declared labels, counts; ``nnunet_splits``, the
+        file read, when the split is nnU-Net's).
 
     Raises:
-        see :func:`find_cases` and :func:`make_splits`; OSError for an unreadable folder.
+        see :func:`find_cases`, :func:`make_splits` and :func:`nnunet_splits`; ValueError for ``folds`` together with
+        ``nnunet_splits_file``; OSError for an unreadable folder.
     """
     source = Path(source)
     layout, cases = find_cases(source)
-    if folds is None and source.is_dir() and (source / NNUNET_SPLITS).is_file():
-        splits = nnunet_splits(source / NNUNET_SPLITS, cases, fold=fold)
-        logger.info("split from nnU-Net's %s (fold %d)", source / NNUNET_SPLITS, fold)
+    nnunet = Path(nnunet_splits_file) if nnunet_splits_file else None
+    if nnunet is not None and folds is not None:
+        raise ValueError(f"{nnunet} fixes the folds (nnU-Net's split); pass --fold to choose one, not --folds")
+    if nnunet is None and folds is None and source.is_dir() and (source / NNUNET_SPLITS).is_file():
+        nnunet = source / NNUNET_SPLITS
+    if nnunet is not None:
+        splits = nnunet_splits(nnunet, cases, fold=fold)
+        logger.info("split from nnU-Net's %s (fold %d)", nnunet, fold)
     else:
         splits = make_splits(cases, val_fraction=val_fraction, folds=folds, fold=fold, preset=preset, seed=seed)
     result: dict[str, Any] = dict(splits)
@@ -448,10 +460,12 @@ def build_datalist(
         "seed": int(seed),
         "val_fraction": None if folds is not None else val_fraction,
         "folds": folds,
-        "fold": fold if folds is not None else None,
+        "fold": fold if folds is not None or nnunet is not None else None,
         "labels": read_declared_labels(source),
         "counts": {name: len(splits[name]) for name in (*SPLITS, UNLABELLED) if name in splits},
     }
+    if nnunet is not None:
+        result["meta"]["nnunet_splits"] = str(nnunet.resolve())
     return result
 
 

@@ -145,6 +145,7 @@ def cached_item_bytes(
     *,
     pixdim: Sequence[float] | None = None,
     in_plane_size: Sequence[int] | None = None,
+    in_plane_mode: str = "resize",
     bytes_per_voxel: int = 8,
 ) -> int:
     """Bytes one cached item takes after the deterministic transforms, from the NIfTI header only (no voxel read).
@@ -152,7 +153,9 @@ def cached_item_bytes(
     Args:
         image_path: image file (NIfTI).
         pixdim: target spacing (x, y, z) in RAS order as given to ``build_transforms`` (non-positive: kept).
-        in_plane_size: (h, w) in-plane resize, as given to ``build_transforms``.
+        in_plane_size: (h, w) in-plane size, as given to ``build_transforms``.
+        in_plane_mode: ``"resize"`` (every slice becomes ``in_plane_size``) or ``"pad"`` (a preprocessing plan's:
+            slices padded up to ``in_plane_size``, larger ones kept).
         bytes_per_voxel: image + label bytes per voxel (float32 image + float32 label = 8, MONAI's default).
 
     Returns:
@@ -176,7 +179,9 @@ def cached_item_bytes(
             size = max(1, int(round(size * zooms[axis] / float(pixdim[ras_axis]))))
         ras_shape[ras_axis] = size
     if in_plane_size is not None:
-        ras_shape[0], ras_shape[1] = int(in_plane_size[0]), int(in_plane_size[1])
+        h, w = int(in_plane_size[0]), int(in_plane_size[1])
+        pad = in_plane_mode == "pad"
+        ras_shape[0], ras_shape[1] = (max(ras_shape[0], h), max(ras_shape[1], w)) if pad else (h, w)
     return int(math.prod(ras_shape) * bytes_per_voxel)
 
 
@@ -233,6 +238,7 @@ def estimate_cache(
     item_bytes: float | Sequence[float] | None = None,
     pixdim: Sequence[float] | None = None,
     in_plane_size: Sequence[int] | None = None,
+    in_plane_mode: str = "resize",
     bytes_per_voxel: int = 8,
     available_bytes: int | None = None,
     headroom: float = 0.7,
@@ -245,7 +251,8 @@ def estimate_cache(
         item_bytes: size of one cached item after the deterministic transforms (one number for all, or one per
             item); None: computed from each image header with :func:`cached_item_bytes`.
         pixdim: target spacing used by the transforms (header-based estimate only).
-        in_plane_size: in-plane resize used by the transforms (header-based estimate only).
+        in_plane_size: in-plane size used by the transforms (header-based estimate only).
+        in_plane_mode: ``"resize"`` or ``"pad"`` (:func:`cached_item_bytes`; header-based estimate only).
         bytes_per_voxel: image + label bytes per voxel (header-based estimate only).
         available_bytes: memory available (default: :func:`available_memory_bytes`).
         headroom: share of the available memory the cache may take (the rest: model, batches, workers).
@@ -266,7 +273,9 @@ def estimate_cache(
         raise ValueError(f"headroom must be within (0, 1], got {headroom}")
     if item_bytes is None:
         sizes = [
-            cached_item_bytes(item["image"], pixdim=pixdim, in_plane_size=in_plane_size, bytes_per_voxel=bytes_per_voxel)
+            cached_item_bytes(
+                item["image"], pixdim=pixdim, in_plane_size=in_plane_size, in_plane_mode=in_plane_mode, bytes_per_voxel=bytes_per_voxel
+            )
             for item in datalist
         ]
     elif isinstance(item_bytes, numbers.Real):  # numpy scalars too (np.int64 is not an int)

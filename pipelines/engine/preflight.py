@@ -19,9 +19,12 @@ from pipelines.engine.errors import BundleInputError, as_bool, optional_knob
 __all__ = [
     "CHECKPOINT_COPIES",
     "DISK_MARGIN_BYTES",
+    "STORE_NEW_BYTES",
+    "STORE_RUN_BYTES",
     "preflight",
     "run_check_dataset",
     "check_free_disk",
+    "check_cache",
     "check_teacher_checkpoint",
     "check_checkpoint_role",
     "kd_weights",
@@ -298,9 +301,40 @@ def _check_declared_labels(splits_file: str | os.PathLike, classes: int) -> None
         )
 
 
+#: free bytes a new MLflow SQLite store needs: MLflow 3 creates its tables in about 0.95 MB, then a run adds its
+#: params, tags and per-epoch metrics
+STORE_NEW_BYTES = 2 << 20
+#: free bytes an existing store needs for one more run (params, tags, metrics)
+STORE_RUN_BYTES = 1 << 20
+
+
+def _reserve(folder: Path, need: int) -> None:
+    """Allocate ``need`` bytes in a temporary file of ``folder`` (removed again): a full disk or a quota refuses it
+    with ENOSPC/EDQUOT even where ``shutil.disk_usage`` counts space the user cannot have."""
+    import errno
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=".mlflow-store-probe-", suffix=".tmp", dir=folder)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, need)
+        except (AttributeError, OSError) as e:  # no posix_fallocate (macOS), or a filesystem without it
+            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            os.write(fd, b"\0" * need)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
+
+
 def _check_store_writable(tracking_uri: str) -> None:
-    """A local MLflow store (``sqlite:///<file>``, ``file:`` or a folder) must be writable: a read-only disk would
-    otherwise fail at the first logged metric with a raw OSError/sqlalchemy traceback."""
+    """A local MLflow store (``sqlite:///<file>``, ``file:`` or a folder) must be writable and, for SQLite, have room
+    for the run (:data:`STORE_NEW_BYTES` for a new store, :data:`STORE_RUN_BYTES` for an existing one, allocated for
+    real and released): a read-only or full disk would otherwise fail at the first logged metric with a raw
+    OSError/sqlalchemy traceback ("database or disk is full"), after the data were cached."""
+    import errno
+    import shutil
     from urllib.parse import urlparse
 
     parsed = urlparse(tracking_uri)
@@ -313,11 +347,35 @@ def _check_store_writable(tracking_uri: str) -> None:
     probe = target if target.exists() else target.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    read_only = BundleInputError(
+        f"the MLflow store {target} cannot be written ({probe} is read-only); pass a --tracking_uri on a writable "
+        "disk (e.g. sqlite:///<folder you can write>/mlruns.db)."
+    )
     if not os.access(probe, os.W_OK):
+        raise read_only
+    if parsed.scheme != "sqlite":
+        return
+    folder = probe if probe.is_dir() else probe.parent
+    need = STORE_RUN_BYTES if target.is_file() else STORE_NEW_BYTES
+    try:
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        _reserve(folder, need)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise read_only from e
+            raise BundleInputError(
+                f"the MLflow store {target} cannot be written ({folder}: {e.strerror or e}); pass a --tracking_uri on a "
+                "disk that works (e.g. sqlite:///<folder you can write>/mlruns.db)."
+            ) from e
+        mb = 1 << 20
         raise BundleInputError(
-            f"the MLflow store {target} cannot be written ({probe} is read-only); pass a --tracking_uri on a writable "
-            "disk (e.g. sqlite:///<folder you can write>/mlruns.db)."
-        )
+            f"the MLflow store {target} is on a full disk ({shutil.disk_usage(folder).free / mb:.1f} MB free in "
+            f"{folder}, {'the store' if target.is_file() else 'a new store'} needs about {need / mb:.0f} MB); free "
+            "some space there or pass a --tracking_uri on another disk (e.g. sqlite:///<folder with room>/mlruns.db)."
+        ) from e
 
 
 def _check_parent_run(tracking_uri: str, run_id: str) -> None:
@@ -360,13 +418,15 @@ def preflight(
         role: bundle role (for messages).
         check_integrity: run ``pipelines.check_dataset`` on the listed sections' files first.
         sections: split sections the run reads.
-        cache_rate: CacheDataset cache rate (memory check).
-        in_plane_size: in-plane size before the cache (memory estimate).
-        pixdim: resampling spacing before the cache (memory estimate).
+        cache_rate: CacheDataset cache rate (memory check, :func:`check_cache`; the bundles pass 0 here and check the
+            cache with the run's preprocessing plan as the next step).
+        in_plane_size: in-plane resize before the cache (memory estimate without a plan).
+        pixdim: resampling spacing before the cache (memory estimate without a plan).
         teacher_check: the result of :func:`check_teacher_checkpoint` in KD roles (a config reference, so the
             teacher is checked before anything else); ignored otherwise.
         tracking_uri: the MLflow store: a server must answer within seconds, a SQLite file must be a database
-            (``pipelines.engine.tracking.check_tracking_uri``); None skips the check.
+            (``pipelines.engine.tracking.check_tracking_uri``), and a local store must be writable with room for the
+            run (a read-only or full disk is named); None skips the check.
         output_dir: the training output folder: its disk must hold the run's checkpoints (:func:`check_free_disk`);
             None skips the check.
         network: the network to be trained (the checkpoint size of the disk check).
@@ -420,10 +480,48 @@ def preflight(
         raise BundleInputError(f"{len(missing)} files listed in {splits_file} do not exist, e.g. {missing[:3]}.")
     if as_bool(check_integrity):
         run_check_dataset(splits_file)
-    if cache_rate > 0:
-        from pipelines.engine.data import estimate_cache
+    check_cache(splits_file, cache_rate, {"pixdim": pixdim, "in_plane_size": in_plane_size}, sections=sections)
+    return True
 
-        est = estimate_cache(entries, cache_rate, pixdim=pixdim, in_plane_size=in_plane_size)
-        if not est.fits:
-            raise BundleInputError(f"the CacheDataset would not fit in memory: {est.message()} (--cache_rate).")
+
+def check_cache(
+    splits_file: str | os.PathLike,
+    cache_rate: float,
+    preprocessing: Mapping[str, Any] | None = None,
+    *,
+    sections: Sequence[str] = ("training", "validation"),
+) -> bool:
+    """The CacheDataset must fit in memory, estimated from the image headers with the preprocessing the run uses.
+
+    With a preprocessing plan (``pipelines.engine.apply_plan``) that is the plan's target spacing and network input
+    (2.5D slices padded up to it, larger ones kept; 3D pads nothing before the cache), not the ``--pixdim`` /
+    ``--in_plane_size`` knobs: a 0.6 mm scan resampled to a 1.2 mm plan caches a quarter of its voxels.
+
+    Args:
+        splits_file: split JSON.
+        cache_rate: the ``--cache_rate`` (0: nothing cached, nothing checked).
+        preprocessing: the ``build_transforms`` keyword arguments (the bundles' ``@preprocessing``): ``pixdim``,
+            ``in_plane_size``, ``in_plane_mode``, ``spatial_dims``; None: no resampling, slices kept.
+        sections: split sections the run caches.
+
+    Returns:
+        True (so it can sit in a bundle's expression list).
+
+    Raises:
+        BundleInputError: the cache would not fit, naming the memory and the ``--cache_rate`` that would.
+    """
+    if float(cache_rate) <= 0:
+        return True
+    from pipelines.engine.data import estimate_cache
+    from pipelines.engine.splits import split_entries
+
+    pre = dict(preprocessing or {})
+    mode = str(pre.get("in_plane_mode") or "resize")
+    size = optional_knob(pre.get("in_plane_size"))
+    if mode == "pad" and int(pre.get("spatial_dims") or 2) == 3:
+        size = None  # the 3D path pads nothing before the cache (its patches are padded after it)
+    entries = [e for s in sections for e in split_entries(splits_file, s)]
+    est = estimate_cache(entries, float(cache_rate), pixdim=optional_knob(pre.get("pixdim")), in_plane_size=size, in_plane_mode=mode)
+    if not est.fits:
+        raise BundleInputError(f"the CacheDataset would not fit in memory: {est.message()} (--cache_rate).")
     return True

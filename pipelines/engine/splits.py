@@ -41,6 +41,7 @@ def resolve_splits(
     splits_file: str | None = None,
     task: str | None = "kits",
     guard: TrainingOutput | None = None,
+    fold: int | str = 0,
 ) -> str:
     """Return the split JSON to use, writing one into ``output_dir`` when the dataset has none.
 
@@ -49,6 +50,10 @@ def resolve_splits(
     ``<output_dir>/splits.json`` (deterministic for a seed; the task's preset holds out the paper's test share,
     so training, evaluation and the demo agree on the held-out volumes). Nothing is written into ``dataset_dir``.
     The split is written once: an identical existing file is kept as it is.
+
+    nnU-Net's ``splits_final.json`` (a list of ``{"train": [case ids], "val": [case ids]}`` folds) is read as a
+    split of fold ``fold``: given as ``splits_file`` (its cases found in ``dataset_dir``, else in the JSON's own
+    folder) or lying in ``dataset_dir``; either way ``pipelines.datalist`` writes ``<output_dir>/splits.json``.
 
     Args:
         dataset_dir: the user's data folder (KiTS19, LiTS, nnU-Net/MSD layouts, or a split JSON).
@@ -59,16 +64,22 @@ def resolve_splits(
         guard: a training run's :func:`guard_training_output` result (a config reference, so the output folder is
             claimed before the split is written). When it resumes, the split must be the one the checkpoint was
             trained on (same SHA-256), and ``<output_dir>/splits.json`` is never rewritten.
+        fold: the fold of an nnU-Net ``splits_final.json`` (``--fold``): its ``train`` cases train, its ``val`` cases
+            validate.
 
     Returns:
         the path of the split JSON.
 
     Raises:
         BundleInputError: no dataset_dir, a missing or unreadable folder, a folder without recognisable data, a
-            ``<output_dir>/splits.json`` not written by ``pipelines.datalist``, or (resuming) a split that differs
-            from the checkpoint's.
+            ``<output_dir>/splits.json`` not written by ``pipelines.datalist``, an nnU-Net split whose fold or case
+            ids the dataset does not have, or (resuming) a split that differs from the checkpoint's.
     """
-    path = _resolve_split_path(dataset_dir, output_dir, seed, splits_file, task, guard)
+    try:
+        fold = int(fold)
+    except (TypeError, ValueError):
+        raise BundleInputError(f"--fold {fold!r} is not a whole number; give the nnU-Net fold to train (0, 1, ...).") from None
+    path = _resolve_split_path(dataset_dir, output_dir, seed, splits_file, task, guard, fold)
     if guard is not None and guard.resume and guard.splits_sha256:
         from pipelines.engine.tracking import file_sha256
 
@@ -82,6 +93,16 @@ def resolve_splits(
     return path
 
 
+def _is_nnunet_splits(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds nnU-Net's ``splits_final.json`` (a JSON list of folds, not a splits object)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64).lstrip()
+            return head.startswith(b"[") and isinstance(json.loads(head + handle.read()), list)
+    except (OSError, ValueError):
+        return False  # unreadable or not JSON: reported where the split is read
+
+
 def _resolve_split_path(
     dataset_dir: str | os.PathLike | None,
     output_dir: str | os.PathLike,
@@ -89,15 +110,24 @@ def _resolve_split_path(
     splits_file: str | None,
     task: str | None,
     guard: TrainingOutput | None,
+    fold: int,
 ) -> str:
     if splits_file:
         if not Path(splits_file).is_file():
             raise BundleInputError(f"splits_file {splits_file} does not exist.")
-        return str(splits_file)
+        if not _is_nnunet_splits(splits_file):
+            return str(splits_file)
+        source = Path(dataset_dir) if dataset_dir else Path(splits_file).parent
+        return _write_split(source, output_dir, seed, task, guard, fold, nnunet=Path(splits_file), given=bool(dataset_dir))
     if not dataset_dir:
         raise BundleInputError("no dataset given: pass --dataset_dir <folder with the CT volumes> (or --splits_file <json>).")
     d = Path(dataset_dir)
     if d.is_file() and d.suffix == ".json":
+        if _is_nnunet_splits(d):
+            raise BundleInputError(
+                f"dataset_dir {d} is nnU-Net's splits_final.json, which lists case ids only: pass it as --splits_file "
+                "and the nnU-Net raw dataset folder (imagesTr, labelsTr) as --dataset_dir."
+            )
         return str(d)
     refuse_dataset_file(d)
     csv_list = d.is_file()  # a datalist CSV (image,label[,split]): the only other file refuse_dataset_file lets by
@@ -105,15 +135,42 @@ def _resolve_split_path(
         raise BundleInputError(f"dataset_dir {d} does not exist; pass the folder holding the CT volumes and labels.")
     if not csv_list and (d / "splits.json").is_file():
         return str(d / "splits.json")
+    return _write_split(d, output_dir, seed, task, guard, fold)
+
+
+def _write_split(
+    d: Path,
+    output_dir: str | os.PathLike,
+    seed: int,
+    task: str | None,
+    guard: TrainingOutput | None,
+    fold: int,
+    nnunet: Path | None = None,
+    given: bool = True,
+) -> str:
+    """``pipelines.datalist``'s split of the dataset ``d`` (of nnU-Net's ``nnunet`` when given), written once to
+    ``<output_dir>/splits.json``; ``given``: ``d`` is the user's ``--dataset_dir`` (else the folder of ``nnunet``)."""
     from pipelines import datalist
 
     out = Path(output_dir) / "splits.json"
     try:
-        result = datalist.build_datalist(d, seed=int(seed), preset=TASK_PRESETS.get(task or ""))
+        result = datalist.build_datalist(d, seed=int(seed), preset=TASK_PRESETS.get(task or ""), fold=fold, nnunet_splits_file=nnunet)
     except OSError as e:
         raise BundleInputError(f"dataset_dir {d}: cannot read {e.filename or d} ({e.strerror or e}).") from e
     except ValueError as e:
+        if nnunet is not None and str(nnunet) in str(e):  # the nnU-Net split itself: its format, fold or case ids
+            raise BundleInputError(f"--splits_file {e} (--dataset_dir {d}, --fold {fold}).") from e
+        if nnunet is not None and not given:
+            raise BundleInputError(
+                f"--splits_file {nnunet} is nnU-Net's splits_final.json, which lists case ids: pass --dataset_dir "
+                f"<the nnU-Net raw dataset folder (imagesTr, labelsTr)> ({d}: {e})."
+            ) from e
         raise BundleInputError(f"dataset_dir {d} holds no dataset this product reads: {e}") from e
+    if fold and "nnunet_splits" not in result["meta"]:  # never ignored silently
+        raise BundleInputError(
+            f"--fold {fold} selects a fold of nnU-Net's splits_final.json, and {d} has none: pass it as --splits_file "
+            "(with this --dataset_dir), or leave --fold at 0."
+        )
     text = datalist.datalist_text(result)
     if same_bytes(out, text.encode()):
         logger.info("split %s unchanged (kept as written before)", out)

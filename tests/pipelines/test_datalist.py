@@ -4,6 +4,7 @@ deterministic splits, --val-fraction / --folds, the paper presets (KiTS 168:42, 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -234,21 +235,29 @@ def test_clear_errors_name_the_folder(tmp_path, capsys):
         make_splits([], preset="brats")
 
 
-def test_nnunet_splits_final_is_read_as_the_split(tmp_path):
-    """An nnU-Net raw dataset folder with splits_final.json: fold 0's train/val cases become training/validation."""
+def _nnunet_raw(folder: Path, cases=("kid_001", "kid_002", "kid_003", "kid_004")) -> Path:
+    """An nnU-Net raw dataset folder: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json."""
     import json as _json
 
     import nibabel as _nib
     import numpy as _np
 
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True)
+    for case in cases:
+        _nib.save(_nib.Nifti1Image(_np.zeros((4, 4, 4), _np.int16), _np.eye(4)), str(folder / "imagesTr" / f"{case}_0000.nii.gz"))
+        _nib.save(_nib.Nifti1Image(_np.zeros((4, 4, 4), _np.uint8), _np.eye(4)), str(folder / "labelsTr" / f"{case}.nii.gz"))
+    (folder / "dataset.json").write_text(_json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "kidney": 1, "tumor": 2}, "file_ending": ".nii.gz"}))
+    return folder
+
+
+def test_nnunet_splits_final_is_read_as_the_split(tmp_path):
+    """An nnU-Net raw dataset folder with splits_final.json: fold 0's train/val cases become training/validation."""
+    import json as _json
+
     from pipelines.datalist import build_datalist
 
-    for sub in ("imagesTr", "labelsTr"):
-        (tmp_path / sub).mkdir()
-    for case in ("kid_001", "kid_002", "kid_003", "kid_004"):
-        _nib.save(_nib.Nifti1Image(_np.zeros((4, 4, 4), _np.int16), _np.eye(4)), str(tmp_path / "imagesTr" / f"{case}_0000.nii.gz"))
-        _nib.save(_nib.Nifti1Image(_np.zeros((4, 4, 4), _np.uint8), _np.eye(4)), str(tmp_path / "labelsTr" / f"{case}.nii.gz"))
-    (tmp_path / "dataset.json").write_text(_json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "kidney": 1, "tumor": 2}, "file_ending": ".nii.gz"}))
+    _nnunet_raw(tmp_path)
     folds = [{"train": ["kid_001", "kid_003", "kid_004"], "val": ["kid_002"]}, {"train": ["kid_002"], "val": ["kid_001"]}]
     (tmp_path / "splits_final.json").write_text(_json.dumps(folds))
     result = build_datalist(tmp_path, seed=0, preset="kits19")
@@ -259,3 +268,45 @@ def test_nnunet_splits_final_is_read_as_the_split(tmp_path):
     (tmp_path / "splits_final.json").write_text(_json.dumps([{"train": ["kid_009"], "val": []}]))
     with pytest.raises(ValueError, match="kid_009"):
         build_datalist(tmp_path)
+
+
+def test_splits_file_that_is_nnunet_splits_final_json_is_resolved_as_a_split(tmp_path):
+    """Was: --splits_file <nnUNet_preprocessed/...>/splits_final.json was passed on as a splits JSON (a list, read
+    later as a dict). Now resolve_splits reads its --fold's case ids against --dataset_dir (nnU-Net keeps the raw
+    data elsewhere) and writes <output_dir>/splits.json; the user's file is left as it was."""
+    from pipelines.engine import BundleInputError, load_split, resolve_splits
+
+    raw = _nnunet_raw(tmp_path / "nnUNet_raw" / "Dataset001_KiTS")
+    pre = tmp_path / "nnUNet_preprocessed" / "Dataset001_KiTS"
+    pre.mkdir(parents=True)
+    final = pre / "splits_final.json"
+    final.write_text(json.dumps([{"train": ["kid_001", "kid_003"], "val": ["kid_002"]}, {"train": ["kid_002", "kid_004"], "val": ["kid_003"]}]))
+    given = final.read_bytes()
+    run = tmp_path / "run"
+    out = resolve_splits(raw, run, splits_file=str(final), fold="1")  # the CLI passes --fold 1 as fire parses it
+    assert out == str(run / "splits.json") and final.read_bytes() == given
+    assert [Path(e["image"]).name for e in load_split(out, "training")] == ["kid_002_0000.nii.gz", "kid_004_0000.nii.gz"]
+    assert load_split(out, "validation") == [{"image": str(raw / "imagesTr" / "kid_003_0000.nii.gz"), "label": str(raw / "labelsTr" / "kid_003.nii.gz")}]
+    meta = json.loads(Path(out).read_text())["meta"]
+    assert meta["nnunet_splits"] == str(final) and meta["fold"] == 1
+    assert resolve_splits(raw, run, splits_file=str(final), fold=1) == out  # written once: the same split is kept
+    assert [Path(e["image"]).name for e in load_split(resolve_splits(raw, tmp_path / "run0", splits_file=str(final)), "training")] == [
+        "kid_001_0000.nii.gz", "kid_003_0000.nii.gz"]  # fmt: skip
+    with pytest.raises(BundleInputError, match=r"splits_final.json has 2 folds; fold 2 does not exist") as err:
+        resolve_splits(raw, tmp_path / "run2", splits_file=str(final), fold=2)
+    assert "\n" not in str(err.value)
+    with pytest.raises(BundleInputError, match=r"--fold 'x' is not a whole number"):
+        resolve_splits(raw, tmp_path / "run2", splits_file=str(final), fold="x")
+    with pytest.raises(BundleInputError, match=r"lists case ids: pass --dataset_dir"):  # the JSON's folder holds no data
+        resolve_splits(None, tmp_path / "run2", splits_file=str(final))
+    with pytest.raises(BundleInputError, match=r"pass it as --splits_file"):
+        resolve_splits(final, tmp_path / "run2")
+    other = _nnunet_raw(tmp_path / "other", cases=("kid_001", "kid_002"))
+    with pytest.raises(BundleInputError, match=r"names cases the dataset does not hold: \['kid_003'\]"):
+        resolve_splits(other, tmp_path / "run2", splits_file=str(final))
+    assert final.read_bytes() == given
+    final.unlink()
+    with pytest.raises(BundleInputError, match=r"--fold 1 selects a fold of nnU-Net's splits_final.json, and .* has none"):
+        resolve_splits(raw, tmp_path / "run2", fold=1)  # a dataset without one: --fold is never ignored silently
+    assert not (tmp_path / "run2" / "splits.json").exists()
+    assert Path(resolve_splits(raw, tmp_path / "run2")).is_file()  # fold 0 (the default): the seeded split

@@ -24,6 +24,7 @@ CLASSES: dict[str, str] = {
 
 _CE, _SI, _IL = "test_code_execution.py::", "test_split_integrity.py::", "test_identifier_leaks.py::"
 _SW, _OL, _II = "test_silently_wrong.py::", "test_one_line_errors.py::", "test_inference_inputs.py::"
+_DF = "test_disk_full.py::"
 _KNOB = f"{_OL}test_bad_knob_values_are_one_line_naming_the_knob"
 _CLI = f"{_OL}test_bundle_command_line_bad_knob_is_one_error_line"
 
@@ -79,6 +80,7 @@ CASES: tuple[Case, ...] = (
     Case("R18", "raw traceback", "datalist --seed -1 (numpy message)", (f"{_SI}test_datalist_negative_seed_names_the_knob",)),
     Case("R19", "raw traceback", "dicom_to_nifti with PixelSpacing 0 (LinAlgError)", (f"{_OL}test_dicom_pixel_spacing_zero_is_one_line_naming_the_series",)),
     Case("R20", "raw traceback", "experiment with a NaN voxel: right text, printed as a traceback", (f"{_OL}test_experiment_with_a_nan_voxel_prints_the_error_not_a_traceback",)),
+    Case("R21", "raw traceback", "MLflow store on a full disk (sqlalchemy 'database or disk is full' after caching)", (f"{_DF}test_mlflow_store_on_a_full_disk_is_one_line_before_training",)),
 )  # fmt: skip
 
 #: checks of the issue that are not a listed fault (reported beside the table, not counted in it)

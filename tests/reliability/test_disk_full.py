@@ -162,3 +162,31 @@ def test_dicom_to_nifti_on_a_full_disk(small_disk, tmp_path, capsys):
     assert "No space left on device" in message and ".tmp" not in message, message
     assert snapshot(small_disk, tmp_path / "dicom") == before
     assert not leftovers(small_disk) and not list(small_disk.rglob("*.nii*"))
+
+
+@pytest.mark.parametrize("store", ["new", "existing"])
+def test_mlflow_store_on_a_full_disk_is_one_line_before_training(store, tmp_path):
+    """Was (issue 19): MLflow's first write raised sqlalchemy's "database or disk is full" traceback after the data were
+    cached. Now the preflight names the store, the free space and the remedy, writes nothing, and passes with room."""
+    import sqlite3
+
+    from pipelines.engine.preflight import _check_store_writable, preflight
+
+    with tmpfs(tmp_path / "disk", "size=4M") as disk:
+        db = disk / "mlruns.db"
+        if store == "existing":  # an earlier run's store (any SQLite database passes the store's integrity check)
+            con = sqlite3.connect(db)
+            con.execute("CREATE TABLE runs (id TEXT)")
+            con.commit()
+            con.close()
+        uri = f"sqlite:///{db}"
+        _check_store_writable(uri)  # 4 MB free: room for a new store (about 1 MB) and a run
+        _fill(disk, leave=100 * 1024)  # a new MLflow store failed creating its tables with 100 KB free
+        before = snapshot(disk)
+        with pytest.raises(BundleInputError) as err:  # the split is never read: the store is checked first
+            preflight(str(tmp_path / "split_not_read.json"), role="r", tracking_uri=uri)
+        message = str(err.value)
+        assert one_line(message) and f"MLflow store {db}" in message and "full disk" in message, message
+        assert "MB free" in message and "--tracking_uri" in message, message
+        assert snapshot(disk) == before and not leftovers(disk), "no store created, no probe file left"
+        assert db.is_file() is (store == "existing")
