@@ -32,7 +32,14 @@ from monai.transforms import MapTransform
 
 from pipelines.engine.atomic import TMP_MARKER, atomic_write
 from pipelines.engine.metrics import case_id, unique_case_ids, voxel_volume_ml, write_csv_atomic
-from pipelines.engine.safeguards import PROVENANCE_COLUMNS, input_problems, kidney_sides, label_name, result_flags
+from pipelines.engine.safeguards import (
+    LABEL_FOLDERS,
+    PROVENANCE_COLUMNS,
+    input_problems,
+    kidney_sides,
+    label_name,
+    result_flags,
+)
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -79,7 +86,6 @@ VOLUMES_CSV = "volumes.csv"
 #: DICOM series converted to NIfTI go here, inside the output folder
 DICOM_NIFTI = ".dicom_nifti"
 #: dataset label folders and the image folder beside which they are labels
-_LABEL_DIRS = {"labelstr": "imagesTr", "labelsts": "imagesTs"}
 _KITS_LABEL = re.compile(r"^segmentation\.nii(\.gz)?$", re.IGNORECASE)
 _LITS_LABEL = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$", re.IGNORECASE)
 
@@ -127,7 +133,7 @@ def is_label_file(path: str | os.PathLike) -> bool:
     m = _LITS_LABEL.match(p.name)
     if m:
         return any((p.parent / f"volume-{m.group(1)}{suffix}").exists() for suffix in NIFTI_SUFFIXES)
-    images = _LABEL_DIRS.get(p.parent.name.lower())
+    images = LABEL_FOLDERS.get(p.parent.name.lower())
     return images is not None and (p.parent.parent / images).is_dir()
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 __all__ = [
     "LABEL_NAME",
+    "LABEL_FOLDERS",
     "LABEL_MAX_VALUES",
     "DEFAULT_ML_RANGES",
     "PROVENANCE_COLUMNS",
@@ -46,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 #: file names of label maps, not CT: ``*_seg*``, ``*_mask*``, ``*_label*``, ``segmentation*`` (case-insensitive)
 LABEL_NAME = re.compile(r"(_seg|_mask|_label|^segmentation)", re.IGNORECASE)
-_LABEL_FOLDERS = {"labelstr", "labelsts"}
+#: nnU-Net/MSD label folders (lower case) -> their image folder; ``inference.is_label_file`` reads it too
+LABEL_FOLDERS: dict[str, str] = {"labelstr": "imagesTr", "labelsts": "imagesTs"}
 #: an integer volume with at most this many distinct non-negative values is a label map (a CT has thousands)
 LABEL_MAX_VALUES = 256
 #: plausible volumes in mL per task: organ (label 1) and tumor (label 2); outside -> flagged
@@ -70,7 +72,7 @@ def label_name(path: str | os.PathLike) -> bool:
     """Whether a file's name says it is a label map (``*_seg*``, ``*_mask*``, ``*_label*``, ``segmentation*``, or
     inside a ``labelsTr``/``labelsTs`` folder)."""
     p = Path(path)
-    return bool(LABEL_NAME.search(p.name)) or p.parent.name.lower() in _LABEL_FOLDERS
+    return bool(LABEL_NAME.search(p.name)) or p.parent.name.lower() in LABEL_FOLDERS
 
 
 def input_problems(path: str | os.PathLike, data: np.ndarray) -> list[str]:
